@@ -1,0 +1,126 @@
+"""Supervised and regularising losses: CE, Lovasz-softmax, LSR (SPEC.md s. 2).
+
+Also the two resampling operations the losses need, matching PyTorch:
+`upsample_bilinear` (align_corners=False) and `downsample_labels` (`nearest`).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from plca_jax.losses import association
+
+
+def _check_spatial(x, labels, what):
+  if x.shape[:3] != labels.shape:
+    raise ValueError(f"{what} {x.shape} and labels {labels.shape} must share "
+                     "(N, H, W); upsample the prediction to the label size "
+                     "first (upsample_bilinear)")
+
+
+def nearest_indices(in_size, out_size):
+  """Source indices of PyTorch's `nearest` resize along one axis.
+
+  scale = float32(in / out); src = min(floor(float32(dst) * scale), in - 1),
+  evaluated in float32 as PyTorch does (this differs from the exact integer
+  floor(dst * in / out) for a few size pairs).
+  """
+  scale = np.float32(in_size) / np.float32(out_size)
+  dst = np.arange(out_size, dtype=np.float32)
+  src = np.floor(dst * scale).astype(np.int64)
+  return np.minimum(src, in_size - 1)
+
+
+def downsample_labels(labels, size):
+  """PyTorch-`nearest` resize of (N, H, W) int labels to `size` = (h, w)."""
+  rows = nearest_indices(labels.shape[1], size[0])
+  cols = nearest_indices(labels.shape[2], size[1])
+  return labels[:, rows][:, :, cols]
+
+
+def upsample_bilinear(x, size):
+  """Bilinear resize of (N, H, W, C) to `size` = (h, w), half-pixel centres.
+
+  Matches `F.interpolate(..., mode="bilinear", align_corners=False)` for up-
+  and downsampling (no antialiasing).
+  """
+  n, _, _, c = x.shape
+  return jax.image.resize(x, (n, size[0], size[1], c), method="bilinear",
+                          antialias=False)
+
+
+def cross_entropy(logits, labels, ignore_label=255):
+  """Pixel cross-entropy, mean over non-ignored pixels (0 if there are none).
+
+  Args:
+    logits: (N, H, W, M).
+    labels: (N, H, W) int; `ignore_label` pixels are excluded.
+
+  Returns:
+    scalar float32.
+  """
+  _check_spatial(logits, labels, "logits")
+  logp = jax.nn.log_softmax(association.at_least_f32(logits), axis=-1)
+  valid = labels != ignore_label
+  safe = jnp.where(valid, labels, 0).astype(jnp.int32)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def _lovasz_grad(gt_sorted):
+  """Gradient of the Lovasz extension of the Jaccard loss, (P, M) columns."""
+  gts = jnp.sum(gt_sorted, axis=0, keepdims=True)
+  intersection = gts - jnp.cumsum(gt_sorted, axis=0)
+  union = gts + jnp.cumsum(1.0 - gt_sorted, axis=0)
+  jaccard = 1.0 - intersection / union
+  return jnp.concatenate([jaccard[:1], jaccard[1:] - jaccard[:-1]], axis=0)
+
+
+def lovasz_softmax(probs, labels, ignore_label=255):
+  """Lovasz-softmax over the whole batch, averaged over classes present.
+
+  A class counts when it occurs among the non-ignored labels; the loss is 0
+  when none does. Ignored pixels take no part.
+
+  Args:
+    probs: (N, H, W, M) class probabilities.
+    labels: (N, H, W) int.
+
+  Returns:
+    scalar float32.
+  """
+  _check_spatial(probs, labels, "probs")
+  m = probs.shape[-1]
+  p = association.at_least_f32(probs.reshape(-1, m))
+  y = labels.reshape(-1)
+  valid = (y != ignore_label)[:, None]
+  fg = (y[:, None] == jnp.arange(m)[None, :]) & valid  # (P, M)
+  fg = fg.astype(p.dtype)
+  errors = jnp.abs(fg - p)
+  # Sort errors descending per class; ignored pixels go last (key -1) and
+  # then count 0, so they change neither the order nor the Jaccard prefix.
+  key = jnp.where(valid, jax.lax.stop_gradient(errors), -1.0)
+  order = jnp.argsort(-key, axis=0)
+  errors_sorted = jnp.take_along_axis(jnp.where(valid, errors, 0.0), order, 0)
+  fg_sorted = jnp.take_along_axis(fg, order, 0)
+  per_class = jnp.sum(errors_sorted * _lovasz_grad(fg_sorted), axis=0)
+  present = (jnp.sum(fg, axis=0) > 0).astype(p.dtype)
+  return jnp.sum(per_class * present) / jnp.maximum(jnp.sum(present), 1.0)
+
+
+def lsr_loss(logits, lam=10.0):
+  """Multi-level label smoothing regulariser, eq. 13.
+
+  r = -mean_c log P_c per pixel; loss = mean((r / lam - 1) * r) with the
+  factor (r / lam - 1) stop-gradient.
+
+  Args:
+    logits: (N, H, W, M) (stride-8 logits in PLCA).
+    lam: lambda.
+
+  Returns:
+    scalar float32.
+  """
+  logp = jax.nn.log_softmax(association.at_least_f32(logits), axis=-1)
+  r = -jnp.mean(logp, axis=-1)
+  return jnp.mean(jax.lax.stop_gradient(r / lam - 1.0) * r)

@@ -1,0 +1,18 @@
+"""Model registry: one small dict from name to class, and `get_model`."""
+
+from plca_jax.models.deeplab_v2 import DeepLabV2
+from plca_jax.models.resnet import ResNet
+
+MODELS = {"deeplab_v2": DeepLabV2}
+
+
+def get_model(config, dtype=None):
+  """Builds the model named by `config.model.name` from `config.model`."""
+  if config.model.name not in MODELS:
+    raise ValueError(f"config.model.name={config.model.name!r}; expected one "
+                     f"of {sorted(MODELS)}")
+  kwargs = dict(num_classes=config.model.num_classes,
+                depth=config.model.depth, width=config.model.width)
+  if dtype is not None:
+    kwargs["dtype"] = dtype
+  return MODELS[config.model.name](**kwargs)

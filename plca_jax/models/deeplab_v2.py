@@ -1,0 +1,53 @@
+"""DeepLab-V2: dilated ResNet + summed four-branch ASPP head (SPEC.md s. 1)."""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from plca_jax.models import resnet
+
+# DeepLab-V2's classifier init (normal, std 0.01).
+head_init = nn.initializers.normal(0.01)
+
+
+class ASPPHead(nn.Module):
+  """Four parallel bias-free 3x3 convs (dilation = padding = rate), summed."""
+  num_classes: int
+  rates: Sequence[int] = (6, 12, 18, 24)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    out = 0
+    for i, r in enumerate(self.rates):
+      out = out + nn.Conv(
+          self.num_classes, (3, 3), padding=[(r, r), (r, r)],
+          kernel_dilation=(r, r), use_bias=False, dtype=self.dtype,
+          kernel_init=head_init, name=f"conv{i}")(x)
+    return out
+
+
+class DeepLabV2(nn.Module):
+  """DeepLab-V2 with a ResNet-18/34/50/101 backbone at output stride 8.
+
+  Usage: `DeepLabV2(num_classes=16, depth=101).apply(variables, images,
+  train=False)` with `images` (N, H, W, 3) returns
+  `{"features": (N, h, w, C), "logits": (N, h, w, num_classes)}` where
+  h = ceil-ish(H / 8) (92 for 730) and C = 2048 (R50/R101) or 512 (R18/34).
+  With `train=True` BatchNorm uses batch statistics and updates
+  `batch_stats` (pass `mutable=["batch_stats"]`).
+  """
+  num_classes: int
+  depth: int = 101
+  width: int = 64
+  aspp_rates: Sequence[int] = (6, 12, 18, 24)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    features = resnet.ResNet(depth=self.depth, width=self.width,
+                             dtype=self.dtype, name="backbone")(images, train)
+    logits = ASPPHead(self.num_classes, self.aspp_rates, dtype=self.dtype,
+                      name="classifier")(features)
+    return {"features": features, "logits": logits}

@@ -1,0 +1,176 @@
+"""Caffe/DeepLab-flavoured ResNet-18/34/50/101 backbones (SPEC.md section 1).
+
+Written in Flax Linen rather than NNX: a Linen model is a pure function of a
+parameter pytree, so the train state, orbax checkpoints, shardings and buffer
+donation all stay plain pytrees (the pattern of flax `examples/imagenet` and
+big_vision), and weight conversion is a dictionary rewrite.
+
+Differences from torchvision's ResNet, all as in the authors' release:
+- bottleneck blocks put the stride on the first 1x1 conv, not on the 3x3;
+- the stem max-pool uses ceil mode (pad 1);
+- layer3 and layer4 replace their stride by dilation 2 and 4 in every block
+  (the first included; its 1x1 shortcut then has stride 1), so the output
+  stride is 8: a 730x730 input gives a 92x92 feature map.
+
+Submodule names follow the PyTorch state-dict names (`conv1`, `bn1`,
+`layer3_0`, `downsample_conv`, ...) so converted weights map one to one.
+"""
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# He-normal with fan_out, as torchvision initialises its convs.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _conv(features, kernel, stride, name, *, dilation, dtype):
+  """Bias-free conv; 3x3 kernels get `dilation` and padding = dilation."""
+  d = dilation if kernel == 3 else 1
+  p = d * (kernel // 2)
+  return nn.Conv(features, (kernel, kernel), (stride, stride),
+                 padding=[(p, p), (p, p)], kernel_dilation=(d, d),
+                 use_bias=False, dtype=dtype, kernel_init=conv_init, name=name)
+
+
+def max_pool_ceil(x, window=3, stride=2, padding=1):
+  """Max-pool over H and W like `torch.nn.MaxPool2d(..., ceil_mode=True)`.
+
+  Args:
+    x: (N, H, W, C).
+    window, stride, padding: pooling geometry (square).
+
+  Returns:
+    (N, H', W', C) with H' = ceil((H + 2p - k) / s) + 1, minus one when the
+    last window would start inside the right padding (PyTorch's rule).
+  """
+  pads = [(0, 0)]
+  for size in x.shape[1:3]:
+    out = math.ceil((size + 2 * padding - window) / stride) + 1
+    if (out - 1) * stride >= size + padding:
+      out -= 1
+    hi = max(0, (out - 1) * stride + window - size - padding)
+    pads.append((padding, hi))
+  pads.append((0, 0))
+  init = jnp.array(-jnp.inf, x.dtype)
+  return jax.lax.reduce_window(x, init, jax.lax.max,
+                               (1, window, window, 1), (1, stride, stride, 1),
+                               pads)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (ResNet-18/34); stride on the first, dilation on both."""
+  planes: int
+  stride: int = 1
+  dilation: int = 1
+  downsample: bool = False
+  norm: Callable[..., nn.Module] = nn.BatchNorm
+  dtype: Any = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(_conv, dilation=self.dilation, dtype=self.dtype)
+    y = conv(self.planes, 3, self.stride, "conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = conv(self.planes, 3, 1, "conv2")(y)
+    y = self.norm(name="bn2")(y)
+    if self.downsample:
+      x = conv(self.planes * self.expansion, 1, self.stride,
+               "downsample_conv")(x)
+      x = self.norm(name="downsample_bn")(x)
+    return nn.relu(y + x)
+
+
+class Bottleneck(nn.Module):
+  """1x1 (strided) -> 3x3 (dilated) -> 1x1 x4 bottleneck, Caffe style."""
+  planes: int
+  stride: int = 1
+  dilation: int = 1
+  downsample: bool = False
+  norm: Callable[..., nn.Module] = nn.BatchNorm
+  dtype: Any = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(_conv, dilation=self.dilation, dtype=self.dtype)
+    y = conv(self.planes, 1, self.stride, "conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = conv(self.planes, 3, 1, "conv2")(y)
+    y = nn.relu(self.norm(name="bn2")(y))
+    y = conv(self.planes * 4, 1, 1, "conv3")(y)
+    y = self.norm(name="bn3")(y)
+    if self.downsample:
+      x = conv(self.planes * self.expansion, 1, self.stride,
+               "downsample_conv")(x)
+      x = self.norm(name="downsample_bn")(x)
+    return nn.relu(y + x)
+
+
+# depth -> (block class, blocks per layer)
+RESNET_SPECS = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+class ResNet(nn.Module):
+  """Output-stride-8 dilated ResNet; returns the layer4 features (N, H/8, W/8, C).
+
+  Attributes:
+    depth: 18, 34, 50 or 101.
+    width: channels of the stem and of layer1 (64 in every standard ResNet;
+      tests use smaller values for tiny models).
+    layer_dilations: dilation of layer1..4 (1, 1, 2, 4 for DeepLab-V2); a
+      layer whose dilation exceeds the previous layer's has stride 1.
+    dtype: computation dtype (parameters are always float32).
+  """
+  depth: int = 101
+  width: int = 64
+  layer_dilations: Sequence[int] = (1, 1, 2, 4)
+  bn_momentum: float = 0.9  # PyTorch momentum 0.1
+  bn_epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.depth not in RESNET_SPECS:
+      raise ValueError(f"ResNet depth {self.depth} not in "
+                       f"{sorted(RESNET_SPECS)}")
+    block_cls, layers = RESNET_SPECS[self.depth]
+    norm = functools.partial(
+        nn.BatchNorm, use_running_average=not train,
+        momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype)
+
+    x = x.astype(self.dtype)
+    x = _conv(self.width, 7, 2, "conv1", dilation=1, dtype=self.dtype)(x)
+    x = nn.relu(norm(name="bn1")(x))
+    x = max_pool_ceil(x)
+
+    in_channels = self.width
+    prev_dilation = 1
+    for i, num_blocks in enumerate(layers):
+      planes = self.width * 2**i
+      dilation = self.layer_dilations[i]
+      # layer1 never strides; later layers stride 2 unless dilated instead.
+      stride = 1 if i == 0 or dilation > prev_dilation else 2
+      prev_dilation = dilation
+      out_channels = planes * block_cls.expansion
+      for b in range(num_blocks):
+        first = b == 0
+        x = block_cls(
+            planes=planes,
+            stride=stride if first else 1,
+            dilation=dilation,
+            downsample=first and (stride != 1 or in_channels != out_channels),
+            norm=norm, dtype=self.dtype,
+            name=f"layer{i + 1}_{b}")(x)
+        in_channels = out_channels
+    return x

@@ -1,0 +1,231 @@
+"""Tests of plca_jax.losses against the NumPy float64 reference."""
+
+import functools
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from plca_jax import losses
+from plca_jax.losses import association
+from tests import reference
+
+
+def _random_inputs(seed, metric, n=2, hs=3, ws=4, ht=3, wt=3, c=5,
+                   num_classes=3, ignore_frac=0.2):
+  rng = np.random.default_rng(seed)
+  s = rng.normal(size=(n, hs, ws, c))
+  t = rng.normal(size=(n, ht, wt, c))
+  if metric == "kl":
+    s, t = reference.softmax(2 * s), reference.softmax(2 * t)
+  y = rng.integers(0, num_classes, size=(n, hs, ws))
+  y[rng.random(y.shape) < ignore_frac] = 255
+  return s, t, y
+
+
+class AssociationTest(parameterized.TestCase):
+
+  @parameterized.product(metric=["cos", "kl"], aggregate=[True, False],
+                         chunk_size=[None, 5])
+  def test_value_and_gradients_match_reference(self, metric, aggregate,
+                                               chunk_size):
+    s, t, y = _random_inputs(0, metric)
+    with jax.enable_x64(True):
+      fn = functools.partial(losses.association_loss, metric=metric,
+                             aggregate_target=aggregate,
+                             chunk_size=chunk_size)
+      value, (gs, gt) = jax.value_and_grad(
+          lambda a, b: fn(a, b, jnp.asarray(y)), argnums=(0, 1))(
+              jnp.asarray(s), jnp.asarray(t))
+    ref = lambda a, b: reference.cycle(a, b, y, metric, aggregate,
+                                       frozen=(s, t))[0]
+    expected = ref(s, t)
+    self.assertGreater(expected, 0.0)  # some cycle is consistent
+    np.testing.assert_allclose(value, expected, rtol=1e-10)
+    np.testing.assert_allclose(gs, reference.numeric_grad(
+        lambda a: ref(a, t), s), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(gt, reference.numeric_grad(
+        lambda b: ref(s, b), t), rtol=1e-5, atol=1e-8)
+
+  @parameterized.parameters("cos", "kl")
+  def test_selection_matches_reference(self, metric):
+    s, t, y = _random_inputs(1, metric, hs=4, ws=5, ht=4, wt=4)
+    with jax.enable_x64(True):
+      out = losses.cycle_association(jnp.asarray(s), jnp.asarray(t),
+                                     jnp.asarray(y), metric)
+    _, details = reference.cycle(s, t, y, metric)
+    for key in ("j_star", "i_star", "selected"):
+      np.testing.assert_array_equal(out[key], np.stack(details[key]), key)
+    # Ignored source pixels are never selected.
+    self.assertFalse(np.any(np.asarray(out["selected"])[y.reshape(2, -1) ==
+                                                        255]))
+
+  @parameterized.parameters("cos", "kl")
+  def test_sim_plca_matches_reference(self, metric):
+    s, t, y = _random_inputs(2, metric)
+    with jax.enable_x64(True):
+      fn = lambda a, b: association.masked_mean(
+          *(lambda o: (o["loss"], o["selected"]))(losses.cycle_association(
+              a, b, jnp.asarray(y), metric, sim_plca=True, chunk_size=4)))
+      value, gs = jax.value_and_grad(fn)(jnp.asarray(s), jnp.asarray(t))
+    ref = lambda a: reference.cycle(a, t, y, metric, frozen=(s, t),
+                                    sim_plca=True)[0]
+    np.testing.assert_allclose(value, ref(s), rtol=1e-10)
+    np.testing.assert_allclose(gs, reference.numeric_grad(ref, s), rtol=1e-5,
+                               atol=1e-8)
+
+  def test_no_consistent_cycle_gives_zero_loss_and_zero_gradient(self):
+    # Both target pixels point back to source pixel 0, which is ignored, so
+    # no valid source pixel can close a consistent cycle.
+    s = np.zeros((1, 2, 3, 4), np.float32)
+    s[0, 0, 0] = [1, 0, 0, 0]
+    s[0, 0, 1:] = [[0.1, 1, 0, 0], [0.1, 0, 1, 0]]
+    s[0, 1] = [[0.1, 0, 0, 1], [0.2, 1, 1, 0], [0.1, 0, 1, 1]]
+    t = np.array([[[[1, 0.01, 0, 0], [1, 0, 0.02, 0]]]], np.float32)
+    y = np.array([[[255, 0, 1], [0, 1, 2]]])
+    for metric in ("cos", "kl"):
+      a, b = (s, t) if metric == "cos" else (
+          reference.softmax(5 * s), reference.softmax(5 * t))
+      out = losses.cycle_association(a, b, y, metric)
+      self.assertFalse(np.any(out["selected"]))
+      self.assertTrue(np.all(out["i_star"] == 0))
+      value, grads = jax.value_and_grad(
+          lambda u, v: losses.association_loss(u, v, y, metric),
+          argnums=(0, 1))(jnp.asarray(a), jnp.asarray(b))
+      self.assertEqual(float(value), 0.0)
+      for g in grads:
+        self.assertTrue(np.all(np.isfinite(g)))
+        np.testing.assert_array_equal(g, 0.0)
+
+  def test_all_ignored_gives_zero(self):
+    s, t, _ = _random_inputs(3, "cos")
+    y = np.full(s.shape[:3], 255)
+    value, g = jax.value_and_grad(losses.association_loss)(
+        jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), y)
+    self.assertEqual(float(value), 0.0)
+    np.testing.assert_array_equal(g, 0.0)
+
+  @parameterized.parameters("cos", "kl")
+  def test_ties_take_the_first_index(self, metric):
+    rng = np.random.default_rng(4)
+    c = 4
+    t = rng.normal(size=(1, 3, 3, c))
+    t[0, 2, 1] = t[0, 0, 2]  # target pixels 2 and 7 are identical
+    s = rng.normal(size=(1, 2, 3, c))
+    s[0, 0, 0] = t[0, 0, 2]  # source pixel 0 matches both equally
+    if metric == "kl":
+      s, t = reference.softmax(3 * s), reference.softmax(3 * t)
+    y = np.zeros((1, 2, 3), np.int32)
+    with jax.enable_x64(True):
+      out = losses.cycle_association(jnp.asarray(s), jnp.asarray(t), y,
+                                     metric, aggregate_target=False)
+    self.assertEqual(int(out["j_star"][0, 0]), 2)
+    _, details = reference.cycle(s, t, y, metric, aggregate_target=False)
+    np.testing.assert_array_equal(out["j_star"][0], details["j_star"][0])
+
+  @parameterized.parameters("cos", "kl")
+  def test_single_class_selects_every_valid_pixel(self, metric):
+    s, t, _ = _random_inputs(5, metric)
+    y = np.full(s.shape[:3], 2)
+    with jax.enable_x64(True):
+      out = losses.cycle_association(jnp.asarray(s), jnp.asarray(t), y,
+                                     metric)
+      value = losses.association_loss(jnp.asarray(s), jnp.asarray(t), y,
+                                      metric)
+    np.testing.assert_array_equal(out["selected"], True)
+    np.testing.assert_allclose(value, reference.cycle(s, t, y, metric)[0],
+                               rtol=1e-10)
+
+  @parameterized.product(metric=["cos", "kl"], chunk_size=[1, 3, 7, 12, 64])
+  def test_chunked_equals_unchunked(self, metric, chunk_size):
+    s, t, y = _random_inputs(6, metric, hs=3, ws=4, ht=4, wt=4, c=8)
+    s, t = jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)
+    fn = lambda a, b, cs: losses.association_loss(a, b, y, metric,
+                                                  chunk_size=cs)
+    grad = jax.value_and_grad(fn, argnums=(0, 1))
+    v0, g0 = grad(s, t, None)
+    v1, g1 = jax.jit(grad, static_argnums=2)(s, t, chunk_size)
+    np.testing.assert_allclose(v1, v0, rtol=1e-5)
+    for a, b in zip(g1, g0):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+  def test_bce_gradient_is_zero_at_one_and_log_clamped(self):
+    g = jax.grad(association.bce_positive)
+    self.assertEqual(float(g(1.0)), 0.0)
+    np.testing.assert_allclose(g(0.25), -4.0, rtol=1e-6)
+    self.assertEqual(float(association.bce_positive(0.0)), 100.0)
+    self.assertTrue(np.isfinite(g(0.0)))
+
+  def test_cosine_normalisation_gradient_is_finite_at_zero(self):
+    x = jnp.zeros((1, 2, 2, 3)).at[0, 0, 0].set(jnp.array([1.0, 2.0, 0.5]))
+    g = jax.grad(lambda v: jnp.sum(losses.spatial_aggregate(v, "cos")**2))(x)
+    self.assertTrue(np.all(np.isfinite(g)))
+
+  def test_bad_metric_and_shapes_raise(self):
+    s = jnp.zeros((1, 2, 2, 3))
+    with self.assertRaisesRegex(ValueError, "metric='l2'"):
+      losses.association_loss(s, s, jnp.zeros((1, 2, 2), jnp.int32), "l2")
+    with self.assertRaisesRegex(ValueError, "source grid"):
+      losses.association_loss(s, s, jnp.zeros((1, 4, 4), jnp.int32))
+
+
+class AggregationTest(parameterized.TestCase):
+
+  @parameterized.product(metric=["cos", "kl"], chunk_size=[None, 4])
+  def test_value_and_gradient_match_reference(self, metric, chunk_size):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 3, 3, 4))
+    if metric == "kl":
+      x = reference.softmax(x)
+    w = rng.normal(size=x.shape)  # random cotangent
+    with jax.enable_x64(True):
+      f = lambda v: jnp.sum(w * losses.spatial_aggregate(
+          v, metric, alpha=0.3, chunk_size=chunk_size))
+      value, g = jax.value_and_grad(f)(jnp.asarray(x))
+      out = losses.spatial_aggregate(jnp.asarray(x), metric, 0.3, chunk_size)
+    np.testing.assert_allclose(out, reference.spatial_aggregate(x, metric,
+                                                                0.3),
+                               rtol=1e-10)
+    ref = lambda v: np.sum(w * reference.spatial_aggregate(v, metric, 0.3,
+                                                           frozen=x))
+    np.testing.assert_allclose(value, ref(x), rtol=1e-10)
+    np.testing.assert_allclose(g, reference.numeric_grad(ref, x), rtol=1e-5,
+                               atol=1e-8)
+
+
+class StatisticsTest(absltest.TestCase):
+
+  def test_planted_one_to_one_correspondence(self):
+    # Orthogonal source pixels; the target is a permutation of them, so
+    # j*(i) = perm^-1(i) and every cycle returns to i.
+    size = 6
+    s = np.eye(size, dtype=np.float32).reshape(1, 2, 3, size)
+    perm = np.array([3, 0, 5, 1, 4, 2])
+    t = np.eye(size, dtype=np.float32)[perm].reshape(1, 2, 3, size)
+    y = np.array([[[0, 1, 1], [2, 0, 255]]])
+    out = losses.cycle_association(s, t, y, "cos", aggregate_target=False)
+    np.testing.assert_array_equal(out["j_star"][0], np.argsort(perm))
+    np.testing.assert_array_equal(out["i_star"][0], np.arange(size))
+    stats = losses.association_statistics(out, size)
+    self.assertAlmostEqual(float(stats["consistent"]), 1.0)
+    self.assertAlmostEqual(float(stats["reached"]), 5 / 6)  # pixel 5 ignored
+
+  def test_everything_lands_on_one_target_pixel(self):
+    s = np.ones((1, 2, 2, 3), np.float32)
+    s[0, 0, 0] = [0.9, 1, 1]  # nearest to [1, 1, 1] too, but not i*
+    t = np.zeros((1, 2, 2, 3), np.float32)
+    t[0, 1, 1] = [1, 1, 1]
+    t[0, :, :, 0] += 0.01
+    y = np.array([[[0, 1], [1, 1]]])
+    out = losses.cycle_association(s, t, y, "cos", aggregate_target=False)
+    np.testing.assert_array_equal(out["j_star"][0], [3, 3, 3, 3])
+    stats = losses.association_statistics(out, 4)
+    self.assertAlmostEqual(float(stats["reached"]), 0.25)
+    # i* is source pixel 1 (class 1): the three class-1 pixels are consistent.
+    self.assertAlmostEqual(float(stats["consistent"]), 0.75)
+
+
+if __name__ == "__main__":
+  absltest.main()

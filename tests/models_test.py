@@ -1,0 +1,143 @@
+"""Tests of the DeepLab-V2 / ResNet models (SPEC.md section 1)."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from configs import default as default_config
+from plca_jax import models
+from plca_jax.models import resnet
+
+
+def _abstract_variables(model, shape):
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  return jax.eval_shape(lambda v: model.init(jax.random.key(0), v), x), x
+
+
+def _count(tree):
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+
+
+class DeepLabV2Test(parameterized.TestCase):
+
+  @parameterized.parameters(
+      # depth, classes, backbone params (incl. BN scale/bias), feature dim;
+      # backbone counts are torchvision's resnetN minus its fc layer.
+      (101, 16, 44_549_160 - 2048 * 1000 - 1000, 2048),
+      (50, 19, 25_557_032 - 2048 * 1000 - 1000, 2048),
+      (18, 16, 11_689_512 - 512 * 1000 - 1000, 512))
+  def test_parameter_count_and_output_shapes(self, depth, num_classes,
+                                             backbone_params, channels):
+    model = models.DeepLabV2(num_classes=num_classes, depth=depth)
+    variables, x = _abstract_variables(model, (2, 730, 730, 3))
+    params = variables["params"]
+    self.assertEqual(_count(params["backbone"]), backbone_params)
+    self.assertEqual(_count(params["classifier"]),
+                     4 * 3 * 3 * channels * num_classes)
+    out = jax.eval_shape(lambda v, i: model.apply(v, i), variables, x)
+    self.assertEqual(out["features"].shape, (2, 92, 92, channels))
+    self.assertEqual(out["logits"].shape, (2, 92, 92, num_classes))
+
+  def test_r101_16_classes_has_exactly_43679808_parameters(self):
+    variables, _ = _abstract_variables(
+        models.DeepLabV2(num_classes=16, depth=101), (1, 730, 730, 3))
+    self.assertEqual(_count(variables["params"]), 43_679_808)
+    self.assertEqual(42_500_160 + 4 * 3 * 3 * 2048 * 16, 43_679_808)
+
+  def test_stage_resolutions(self):
+    # Stem + ceil-mode pool: 730 -> 365 -> 183; layer2's stride (on its
+    # first 1x1 conv) -> 92; layer3/4 dilate instead of striding.
+    model = models.DeepLabV2(num_classes=16, depth=101)
+    variables, x = _abstract_variables(model, (1, 730, 730, 3))
+    _, state = jax.eval_shape(
+        lambda v, i: model.apply(v, i, capture_intermediates=True,
+                                 mutable=["intermediates"]), variables, x)
+    inter = state["intermediates"]["backbone"]
+    shape = lambda name: inter[name]["__call__"][0].shape
+    self.assertEqual(shape("conv1")[1:3], (365, 365))
+    self.assertEqual(shape("layer1_0")[1:], (183, 183, 256))
+    self.assertEqual(shape("layer2_0")[1:], (92, 92, 512))
+    self.assertEqual(shape("layer3_22")[1:], (92, 92, 1024))
+    self.assertEqual(shape("layer4_2")[1:], (92, 92, 2048))
+    conv = variables["params"]["backbone"]["layer2_0"]
+    self.assertEqual(conv["conv1"]["kernel"].shape, (1, 1, 256, 128))
+    # layer3's first block has a 1x1 shortcut (channels change), stride 1.
+    self.assertIn("downsample_conv",
+                  variables["params"]["backbone"]["layer3_0"])
+
+  def test_head_has_no_bias_and_sums_four_branches(self):
+    head = models.deeplab_v2.ASPPHead(num_classes=3)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 30, 30, 4)),
+                    jnp.float32)
+    params = head.init(jax.random.key(0), x)["params"]
+    self.assertEqual(sorted(params), ["conv0", "conv1", "conv2", "conv3"])
+    for branch in params.values():
+      self.assertEqual(list(branch), ["kernel"])
+    # Zeroing all branches but one leaves exactly that branch's output.
+    out = head.apply({"params": params}, x)
+    parts = []
+    for keep in params:
+      single = {k: (v if k == keep else jax.tree.map(jnp.zeros_like, v))
+                for k, v in params.items()}
+      parts.append(head.apply({"params": single}, x))
+    np.testing.assert_allclose(out, sum(parts), rtol=1e-5, atol=1e-5)
+    # Each branch is a 3x3 conv with dilation = padding = rate.
+    for i, rate in enumerate((6, 12, 18, 24)):
+      k = np.asarray(params[f"conv{i}"]["kernel"])
+      expected = torch.nn.functional.conv2d(
+          torch.from_numpy(np.moveaxis(np.array(x), -1, 1).copy()),
+          torch.from_numpy(np.transpose(k, (3, 2, 0, 1)).copy()),
+          padding=rate, dilation=rate).numpy()
+      np.testing.assert_allclose(parts[i], np.moveaxis(expected, 1, -1),
+                                 rtol=1e-4, atol=1e-4)
+
+  def test_tiny_model_train_and_eval_modes(self):
+    model = models.DeepLabV2(num_classes=5, depth=18, width=8)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 41, 37, 3)),
+                    jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    out, updates = model.apply(variables, x, train=True,
+                               mutable=["batch_stats"])
+    self.assertEqual(out["logits"].shape, (2, 6, 5, 5))
+    self.assertEqual(out["features"].shape, (2, 6, 5, 64))
+    before = variables["batch_stats"]["backbone"]["bn1"]["mean"]
+    after = updates["batch_stats"]["backbone"]["bn1"]["mean"]
+    self.assertGreater(float(jnp.abs(after - before).max()), 0.0)
+    # Eval mode is deterministic and uses the running statistics.
+    e1 = model.apply(variables, x)
+    e2 = model.apply({**variables, **updates}, x)
+    self.assertGreater(float(jnp.abs(e1["logits"] - e2["logits"]).max()), 0)
+
+  def test_get_model_from_config(self):
+    config = default_config.get_config()
+    config.model.depth = 18
+    config.model.num_classes = 19
+    model = models.get_model(config)
+    self.assertIsInstance(model, models.DeepLabV2)
+    self.assertEqual((model.depth, model.num_classes), (18, 19))
+    config.model.name = "pspnet"
+    with self.assertRaisesRegex(ValueError, "pspnet"):
+      models.get_model(config)
+
+  def test_bad_depth(self):
+    with self.assertRaisesRegex(ValueError, "depth 42"):
+      _abstract_variables(models.DeepLabV2(num_classes=2, depth=42),
+                          (1, 32, 32, 3))
+
+
+class MaxPoolTest(parameterized.TestCase):
+
+  @parameterized.parameters(365, 364, 7, 8, 10, 33)
+  def test_matches_torch_ceil_mode(self, size):
+    x = np.random.default_rng(size).normal(size=(1, size, size + 1, 2))
+    ours = resnet.max_pool_ceil(jnp.asarray(x, jnp.float32))
+    theirs = torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True)(
+        torch.from_numpy(np.moveaxis(x, -1, 1)).float()).numpy()
+    np.testing.assert_array_equal(ours, np.moveaxis(theirs, 1, -1))
+
+
+if __name__ == "__main__":
+  absltest.main()
