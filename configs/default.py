@@ -7,6 +7,20 @@ override only what differs, so `lock_config` rejects misspelt keys.
 import ml_collections
 
 
+def domain(name, root="", split="train", *, require_labels=True,
+           synthetic_domain="source", num_images=0):
+  """One dataset of the data config (source, target or eval)."""
+  return ml_collections.ConfigDict(dict(
+      name=name,  # synthia | cityscapes | gta5 | synthetic
+      root=root,  # dataset directory (README, "Datasets")
+      split=split,  # Cityscapes split
+      # Fail when labels are missing; False reads them only if present
+      # (the unlabelled target stream).
+      require_labels=require_labels,
+      domain=synthetic_domain,  # synthetic only: "source" or "target"
+      num_images=num_images))  # synthetic only
+
+
 def get_config():
   """Returns the default ConfigDict."""
   config = ml_collections.ConfigDict()
@@ -20,6 +34,31 @@ def get_config():
 
   # SPEC.md section 2. The ablation ladder of the paper's Table 1 is
   # use_ce; +use_lovasz; +use_fass; +use_cass; +use_lsr.
+  # SPEC.md sections 4 and 5.
+  config.data = ml_collections.ConfigDict()
+  config.data.source = domain("synthia")
+  config.data.target = domain("cityscapes", split="train",
+                              require_labels=False)
+  config.data.eval = domain("cityscapes", split="val")
+  config.data.resize_min = 760  # random shorter edge, inclusive range
+  config.data.resize_max = 988
+  config.data.flip_prob = 0.5
+  config.data.crop_size = (730, 730)  # (height, width)
+  config.data.encoding = "bgr_mean"  # or "rgb_imagenet"
+  config.data.eval_image_size = (730, 1460)  # network input (H, W)
+  config.data.eval_label_size = (1024, 2048)  # labels stay at full size
+  config.data.num_workers = 2  # grain worker processes (0: in-process)
+  config.data.on_error = "raise"  # or "skip" unreadable files (counted)
+  config.data.synthetic_height = 128
+  config.data.synthetic_width = 256
+  config.data.synthetic_seed = 0
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 4  # global, per domain
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 2  # global
+
   config.loss = ml_collections.ConfigDict()
   config.loss.use_ce = True
   config.loss.use_lovasz = True

@@ -1,0 +1,153 @@
+"""Paired training batches and evaluation batches (SPEC.md sections 4, 5).
+
+Training: source and target are independent streams (own seeds), each
+  source -> this process's shard -> shuffle (reshuffled every epoch) ->
+  repeat -> random shorter-edge resize -> flip -> crop/pad -> encode,
+then zipped element by element and batched, so step k pairs the k-th source
+batch with the k-th target batch. The iterator's state (`get_state` /
+`set_state`) resumes at exactly the next batch, with worker processes too.
+
+Evaluation: deterministic order; each process takes every
+`process_count`-th image; the tail is padded with masked-out elements so
+that every process runs the same number of full batches and every image is
+seen exactly once.
+
+Batches are dicts of NumPy arrays with the process-local batch first:
+"image" float32 (B, H, W, 3), "label" uint8 (B, H, W), "skipped" int32 (B,),
+"has_label" bool (B,), "name" str (B,), and for evaluation "mask" bool (B,).
+"""
+
+import math
+
+import grain
+import numpy as np
+
+from plca_jax.data import labels as labels_lib
+from plca_jax.data import synthetic
+from plca_jax.data import transforms
+from plca_jax.data.sources import cityscapes
+from plca_jax.data.sources import gta5
+from plca_jax.data.sources import synthia
+
+DATASETS = ("synthia", "cityscapes", "gta5", "synthetic")
+
+
+def create_source(domain_config, data_config, num_classes):
+  """The data source one domain config names.
+
+  Args:
+    domain_config: `config.data.source`, `.target` or `.eval`: name, root,
+      split, require_labels, and for "synthetic" the domain and num_images.
+    data_config: `config.data` (on_error, synthetic image size and seed).
+    num_classes: 16 or 19.
+  """
+  name = domain_config.name
+  kwargs = dict(require_labels=domain_config.require_labels,
+                on_error=data_config.on_error)
+  if name in ("synthia", "cityscapes", "gta5") and not domain_config.root:
+    raise ValueError(f"data root for {name!r} is empty: set "
+                     "--config.data.<source|target|eval>.root=/path/to/"
+                     f"{name} (see README, 'Datasets')")
+  if name == "synthia":
+    return synthia.Synthia(domain_config.root, num_classes, **kwargs)
+  if name == "cityscapes":
+    return cityscapes.Cityscapes(domain_config.root, domain_config.split,
+                                 num_classes, **kwargs)
+  if name == "gta5":
+    return gta5.GTA5(domain_config.root, num_classes, **kwargs)
+  if name == "synthetic":
+    return synthetic.SyntheticDomain(
+        domain_config.domain, domain_config.num_images,
+        height=data_config.synthetic_height,
+        width=data_config.synthetic_width, num_classes=num_classes,
+        seed=data_config.synthetic_seed,
+        with_labels=domain_config.require_labels)
+  raise ValueError(f"dataset name {name!r}; expected one of {DATASETS}")
+
+
+def local_batch_size(global_batch_size, process_count):
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch size {global_batch_size} is not divisible"
+                     f" by the process count {process_count}")
+  return global_batch_size // process_count
+
+
+def train_stream(source, data_config, seed, process_index=0,
+                 process_count=1):
+  """One domain's infinite stream of augmented, encoded elements."""
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = ds.seed(seed).shuffle().repeat()
+  ds = ds.random_map(transforms.RandomResizeShorter(data_config.resize_min,
+                                                    data_config.resize_max))
+  if data_config.flip_prob > 0:
+    ds = ds.random_map(transforms.RandomHorizontalFlip(data_config.flip_prob))
+  ds = ds.random_map(transforms.RandomCropPad(*data_config.crop_size))
+  return ds.map(transforms.Encode(data_config.encoding))
+
+
+def _paired(pair):
+  return {"source": pair[0], "target": pair[1]}
+
+
+def create_train_iterator(config, process_index=0, process_count=1):
+  """Iterator of paired batches {"source": batch, "target": batch}.
+
+  Each process gets `config.train.batch_size / process_count` images per
+  domain per batch, from its own shard of each dataset.
+  """
+  num_classes = config.model.num_classes
+  batch = local_batch_size(config.train.batch_size, process_count)
+  streams = []
+  for k, domain in enumerate((config.data.source, config.data.target)):
+    source = create_source(domain, config.data, num_classes)
+    # Distinct seeds: the two streams are independent random orders.
+    streams.append(train_stream(source, config.data, config.seed * 2 + k,
+                                process_index, process_count))
+  ds = grain.experimental.ZipMapDataset(streams).map(_paired)
+  ds = ds.batch(batch, drop_remainder=True).to_iter_dataset()
+  if config.data.num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=config.data.num_workers))
+  return iter(ds)
+
+
+class _EvalElement(grain.transforms.Map):
+  """Index -> resized, encoded eval element; indices past the end pad."""
+
+  def __init__(self, source, data_config):
+    self.source = source
+    self.image_size = tuple(data_config.eval_image_size)
+    self.label_size = tuple(data_config.eval_label_size)
+    self.resize = transforms.ResizeImage(*self.image_size)
+    self.encode = transforms.Encode(data_config.encoding)
+
+  def map(self, index):
+    if index >= len(self.source):
+      return {"image": np.zeros(self.image_size + (3,), np.float32),
+              "label": np.full(self.label_size, labels_lib.IGNORE, np.uint8),
+              "name": "", "has_label": False, "skipped": np.int32(0),
+              "mask": False}
+    element = self.source[index]
+    if element["label"].shape != self.label_size:
+      raise ValueError(
+          f"evaluation item {element['name']!r} has a {element['label'].shape}"
+          f" label; config.data.eval_label_size is {self.label_size} (every "
+          "label is kept at full resolution, so all must share it)")
+    element = self.encode.map(self.resize.map(element))
+    return {**element, "mask": True}
+
+
+def create_eval_iterator(config, process_index=0, process_count=1):
+  """(iterator over this process's eval batches, number of real images)."""
+  source = create_source(config.data.eval, config.data,
+                         config.model.num_classes)
+  batch = local_batch_size(config.eval.batch_size, process_count)
+  per_step = batch * process_count
+  padded = math.ceil(len(source) / per_step) * per_step
+  ds = grain.MapDataset.range(padded)[process_index::process_count]
+  ds = ds.map(_EvalElement(source, config.data))
+  ds = ds.batch(batch, drop_remainder=True).to_iter_dataset()
+  if config.data.num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=config.data.num_workers))
+  return iter(ds), len(source)
