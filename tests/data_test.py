@@ -5,6 +5,7 @@ import os
 from absl import flags
 from absl.testing import absltest
 from absl.testing import parameterized
+import jax
 import numpy as np
 
 from configs import default as default_config
@@ -250,7 +251,11 @@ class TransformsTest(parameterized.TestCase):
         [(10 / 255 - 0.485) / 0.229, (20 / 255 - 0.456) / 0.224,
          (30 / 255 - 0.406) / 0.225], rtol=1e-5)
     with self.assertRaisesRegex(ValueError, "encoding='hsv'"):
-      transforms.Encode("hsv")
+      transforms.encode(image, "hsv")
+    # The same function runs on the device inside the jitted steps.
+    np.testing.assert_allclose(
+        jax.jit(transforms.encode, static_argnums=1)(image, "bgr_mean"),
+        transforms.encode(image, "bgr_mean"), rtol=1e-6)
 
 
 class SyntheticTest(absltest.TestCase):
@@ -298,7 +303,7 @@ class PipelineTest(parameterized.TestCase):
         config)] for _ in range(6)]
     b = batches[0]
     self.assertEqual(b["source"]["image"].shape, (2, 20, 28, 3))
-    self.assertEqual(b["source"]["image"].dtype, np.float32)
+    self.assertEqual(b["source"]["image"].dtype, np.uint8)
     self.assertEqual(b["target"]["label"].shape, (2, 20, 28))
     self.assertTrue(np.all(b["source"]["has_label"]))
     self.assertFalse(np.any(b["target"]["has_label"]))

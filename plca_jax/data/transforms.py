@@ -102,29 +102,17 @@ class ResizeImage(grain.transforms.Map):
 
 
 def encode(image, encoding="bgr_mean"):
-  """uint8 RGB (..., 3) -> float32 network input.
+  """uint8 RGB (..., 3) -> float32 network input; NumPy or jax arrays.
 
   "bgr_mean": BGR channel order, 0-255, minus BGR_MEAN (the release's
   default); "rgb_imagenet": RGB in [0, 1], minus ImageNet mean, over std.
+  The pipelines deliver uint8 and the jitted steps call this on the device
+  (4x less host-to-device traffic; faster pipeline, see README).
   """
-  image = np.asarray(image, np.float32)
+  image = image.astype(np.float32)
   if encoding == "bgr_mean":
     return image[..., ::-1] - np.asarray(BGR_MEAN, np.float32)
   if encoding == "rgb_imagenet":
     return ((image / 255.0 - np.asarray(IMAGENET_MEAN, np.float32)) /
             np.asarray(IMAGENET_STD, np.float32))
   raise ValueError(f"encoding={encoding!r}; expected one of {ENCODINGS}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Encode(grain.transforms.Map):
-  """Turns the uint8 image into the float32 network input (see `encode`)."""
-  encoding: str = "bgr_mean"
-
-  def __post_init__(self):
-    if self.encoding not in ENCODINGS:
-      raise ValueError(f"encoding={self.encoding!r}; expected one of "
-                       f"{ENCODINGS}")
-
-  def map(self, element):
-    return {**element, "image": encode(element["image"], self.encoding)}
