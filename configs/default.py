@@ -13,7 +13,7 @@ def domain(name, root="", split="train", *, require_labels=True,
   return ml_collections.ConfigDict(dict(
       name=name,  # synthia | cityscapes | gta5 | synthetic
       root=root,  # dataset directory (README, "Datasets")
-      split=split,  # Cityscapes split
+      split=split,  # Cityscapes split; synthetic: "train" or "val"
       # Fail when labels are missing; False reads them only if present
       # (the unlabelled target stream).
       require_labels=require_labels,
@@ -21,10 +21,21 @@ def domain(name, root="", split="train", *, require_labels=True,
       num_images=num_images))  # synthetic only
 
 
+def updates_per_epoch(target_images, batch_size, grad_accum_steps):
+  """SPEC.md section 3: ceil(|target train| / global batch / accumulation)."""
+  return -(-target_images // (batch_size * grad_accum_steps))
+
+
 def get_config():
   """Returns the default ConfigDict."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Initial weights: a plca_jax workdir or a directory written by
+  # `python -m plca_jax.convert`; empty = random initialisation.
+  config.init_from = ""
+  # Regex of parameter paths allowed to keep their initial values when
+  # `init_from` lacks them (e.g. "classifier" for an ImageNet backbone).
+  config.init_allow_missing = ""
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "deeplab_v2"
@@ -55,11 +66,31 @@ def get_config():
   config.data.synthetic_width = 256
   config.data.synthetic_seed = 0
 
+  # SPEC.md section 3 (SYNTHIA -> Cityscapes): 8 epochs of updates over
+  # the 2975 Cityscapes train images, poly horizon 10 epochs.
+  epoch = updates_per_epoch(2975, 4, 2)
   config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 4  # global, per domain
+  config.train.batch_size = 4  # global, per domain, per micro-batch
+  config.train.grad_accum_steps = 2  # micro-batches per update
+  config.train.num_steps = 8 * epoch  # optimizer updates
+  config.train.log_every = 50
+  config.train.checkpoint_every = 500
+  config.train.eval_every = 1000
+  config.train.keep_checkpoints = 3
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.base_lr = 2.5e-4
+  config.optim.momentum = 0.9
+  config.optim.weight_decay = 5e-4  # L2 added to the gradients
+  config.optim.head_lr_mult = 1.0
+  config.optim.schedule_steps = 10 * epoch  # poly horizon
+  config.optim.poly_power = 0.9
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 2  # global
+  config.eval.aggregate = True  # test-time spatial aggregation
+  config.eval.alpha = 0.5
+  config.eval.num_images = 3  # prediction images written per evaluation
 
   config.loss = ml_collections.ConfigDict()
   config.loss.use_ce = True

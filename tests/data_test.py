@@ -2,7 +2,6 @@
 
 import os
 
-from absl import flags
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
@@ -31,12 +30,6 @@ CITYSCAPES_TO_16 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7,
                     33: 15}
 
 
-def setUpModule():
-  # grain worker processes parse absl flags.
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
 def _expected(ids, table):
   out = np.full(ids.shape, 255, np.uint8)
   for src, dst in table.items():
@@ -53,7 +46,8 @@ def _synthetic_config(num_source=10, num_target=7, workers=0):
       "synthetic", synthetic_domain="target", num_images=num_target,
       require_labels=False)
   config.data.eval = default_config.domain(
-      "synthetic", synthetic_domain="target", num_images=num_target)
+      "synthetic", split="val", synthetic_domain="target",
+      num_images=num_target)
   config.data.synthetic_height, config.data.synthetic_width = 24, 40
   config.data.resize_min, config.data.resize_max = 24, 30
   config.data.crop_size = (20, 28)
@@ -267,6 +261,9 @@ class SyntheticTest(absltest.TestCase):
     np.testing.assert_array_equal(la, lb)
     c, _ = synthetic.render("source", 6, seed=1, height=32, width=64)
     self.assertGreater(np.abs(a.astype(int) - c).mean(), 1)
+    v, _ = synthetic.render("source", 5, seed=1, split="val", height=32,
+                            width=64)
+    self.assertGreater(np.abs(a.astype(int) - v).mean(), 1)
     # The domains render the same classes in different colours: compare the
     # mean road colour over several images.
     road = labels.CLASS_NAMES[16].index("road")
@@ -367,7 +364,8 @@ class PipelineTest(parameterized.TestCase):
         names += [n for n, m in zip(b["name"], b["mask"]) if m]
         np.testing.assert_array_equal(b["label"][~b["mask"]], 255)
     self.assertEqual(counts[0], counts[1])
-    self.assertEqual(sorted(names), [f"target_{k:06d}" for k in range(7)])
+    self.assertEqual(sorted(names),
+                     [f"target_val_{k:06d}" for k in range(7)])
     # Deterministic: a second pass gives the same order.
     again = [n for b in input_pipeline.create_eval_iterator(config, 0, 2)[0]
              for n in b["name"]]

@@ -61,7 +61,7 @@ def create_source(domain_config, data_config, num_classes):
   if name == "synthetic":
     return synthetic.SyntheticDomain(
         domain_config.domain, domain_config.num_images,
-        height=data_config.synthetic_height,
+        split=domain_config.split, height=data_config.synthetic_height,
         width=data_config.synthetic_width, num_classes=num_classes,
         seed=data_config.synthetic_seed,
         with_labels=domain_config.require_labels)

@@ -13,8 +13,9 @@ differs from a street camera:
 | noise / blur | none / none | sensor noise / Gaussian blur |
 | layout | horizon lower, fewer cars and persons | horizon higher, busier street |
 
-Item i of a domain depends only on (seed, domain, i), so every process and
-worker renders the same image for the same index. `SyntheticDomain` serves
+Item i depends only on (seed, domain, split, i), so every process and
+worker renders the same image for the same index, and the "train" and "val"
+splits are disjoint sets of scenes. `SyntheticDomain` serves
 items through the same interface as the on-disk sources.
 """
 
@@ -25,6 +26,7 @@ from PIL import ImageFilter
 from plca_jax.data import labels as labels_lib
 
 DOMAINS = ("source", "target")
+SPLITS = ("train", "val")
 SCENE_CLASSES = ("road", "sidewalk", "building", "pole", "sign",
                  "vegetation", "sky", "person", "car")
 
@@ -156,15 +158,19 @@ def _real_style(canvas, horizon, rng):
   return rgb
 
 
-def render(domain, index, *, seed=0, height=128, width=256, num_classes=16):
-  """Renders item `index` of `domain`.
+def render(domain, index, *, seed=0, split="train", height=128, width=256,
+           num_classes=16):
+  """Renders item `index` of `domain` (and `split`).
 
   Returns:
     (image uint8 (height, width, 3) RGB, label uint8 (height, width)).
   """
   if domain not in DOMAINS:
     raise ValueError(f"domain={domain!r}; expected one of {DOMAINS}")
-  rng = np.random.default_rng([seed, DOMAINS.index(domain), index])
+  if split not in SPLITS:
+    raise ValueError(f"synthetic split={split!r}; expected one of {SPLITS}")
+  rng = np.random.default_rng([seed, DOMAINS.index(domain),
+                               SPLITS.index(split), index])
   canvas = _Canvas(height, width, num_classes, domain, rng)
   horizon = _render_layout(canvas, domain, rng)
   rgb = canvas.rgb
@@ -178,12 +184,15 @@ class SyntheticDomain:
 
   dataset = "synthetic"
 
-  def __init__(self, domain, num_images, *, height=128, width=256,
-               num_classes=16, seed=0, with_labels=True):
+  def __init__(self, domain, num_images, *, split="train", height=128,
+               width=256, num_classes=16, seed=0, with_labels=True):
     if domain not in DOMAINS:
       raise ValueError(f"domain={domain!r}; expected one of {DOMAINS}")
+    if split not in SPLITS:
+      raise ValueError(f"synthetic split={split!r}; expected one of {SPLITS}")
     labels_lib.palette(num_classes)  # validates num_classes
     self.domain = domain
+    self.split = split
     self.num_images = num_images
     self.height, self.width = height, width
     self.num_classes = num_classes
@@ -194,8 +203,8 @@ class SyntheticDomain:
     return self.num_images
 
   def __repr__(self):
-    return (f"SyntheticDomain(domain={self.domain!r}, num_images="
-            f"{self.num_images}, size={self.height}x{self.width}, "
+    return (f"SyntheticDomain(domain={self.domain!r}, split={self.split!r}, "
+            f"num_images={self.num_images}, size={self.height}x{self.width}, "
             f"num_classes={self.num_classes}, seed={self.seed})")
 
   def __getitem__(self, index):
@@ -203,10 +212,11 @@ class SyntheticDomain:
     if not 0 <= index < self.num_images:
       raise IndexError(f"index {index} out of range for {self!r}")
     image, label = render(self.domain, index, seed=self.seed,
-                          height=self.height, width=self.width,
+                          split=self.split, height=self.height,
+                          width=self.width,
                           num_classes=self.num_classes)
     if not self.with_labels:
       label = np.full_like(label, labels_lib.IGNORE)
     return {"image": image, "label": label,
-            "name": f"{self.domain}_{index:06d}",
+            "name": f"{self.domain}_{self.split}_{index:06d}",
             "has_label": self.with_labels, "skipped": np.int32(0)}

@@ -37,6 +37,8 @@ class DeepLabV2(nn.Module):
   h = ceil-ish(H / 8) (92 for 730) and C = 2048 (R50/R101) or 512 (R18/34).
   With `train=True` BatchNorm uses batch statistics and updates
   `batch_stats` (pass `mutable=["batch_stats"]`).
+  `model.apply(variables, features, method="classify")` applies the head
+  alone (test-time aggregation transforms the features first).
   """
   num_classes: int
   depth: int = 101
@@ -44,10 +46,15 @@ class DeepLabV2(nn.Module):
   aspp_rates: Sequence[int] = (6, 12, 18, 24)
   dtype: Any = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    self.backbone = resnet.ResNet(depth=self.depth, width=self.width,
+                                  dtype=self.dtype)
+    self.classifier = ASPPHead(self.num_classes, self.aspp_rates,
+                               dtype=self.dtype)
+
+  def classify(self, features):
+    return self.classifier(features)
+
   def __call__(self, images, train: bool = False):
-    features = resnet.ResNet(depth=self.depth, width=self.width,
-                             dtype=self.dtype, name="backbone")(images, train)
-    logits = ASPPHead(self.num_classes, self.aspp_rates, dtype=self.dtype,
-                      name="classifier")(features)
-    return {"features": features, "logits": logits}
+    features = self.backbone(images, train)
+    return {"features": features, "logits": self.classifier(features)}

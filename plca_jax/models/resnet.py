@@ -48,18 +48,15 @@ def max_pool_ceil(x, window=3, stride=2, padding=1):
     (N, H', W', C) with H' = ceil((H + 2p - k) / s) + 1, minus one when the
     last window would start inside the right padding (PyTorch's rule).
   """
-  pads = [(0, 0)]
+  pads = []
   for size in x.shape[1:3]:
     out = math.ceil((size + 2 * padding - window) / stride) + 1
     if (out - 1) * stride >= size + padding:
       out -= 1
     hi = max(0, (out - 1) * stride + window - size - padding)
     pads.append((padding, hi))
-  pads.append((0, 0))
-  init = jnp.array(-jnp.inf, x.dtype)
-  return jax.lax.reduce_window(x, init, jax.lax.max,
-                               (1, window, window, 1), (1, stride, stride, 1),
-                               pads)
+  # nn.max_pool pads with -inf, so padding never wins the max.
+  return nn.max_pool(x, (window, window), (stride, stride), padding=pads)
 
 
 class BasicBlock(nn.Module):

@@ -1,0 +1,37 @@
+"""CPU-tiny configuration for the tests: synthetic domains, R18 width 4.
+
+    python -m plca_jax.main --config=configs/test.py --workdir=/tmp/plca_test
+"""
+
+from configs import default
+
+
+def get_config():
+  """A few seconds per step on one CPU core."""
+  config = default.get_config()
+  config.model.depth = 18
+  config.model.width = 4
+  config.data.source = default.domain("synthetic", synthetic_domain="source",
+                                      num_images=8)
+  config.data.target = default.domain("synthetic", synthetic_domain="target",
+                                      num_images=8, require_labels=False)
+  config.data.eval = default.domain("synthetic", "", "val",
+                                    synthetic_domain="target",
+                                    num_images=3)
+  config.data.synthetic_height, config.data.synthetic_width = 32, 48
+  config.data.resize_min, config.data.resize_max = 32, 40
+  config.data.crop_size = (32, 32)
+  config.data.eval_image_size = (32, 48)
+  config.data.eval_label_size = (32, 48)
+  config.train.batch_size = 2
+  config.train.grad_accum_steps = 2
+  config.train.num_steps = 4
+  config.train.log_every = 2
+  config.train.checkpoint_every = 2
+  config.train.eval_every = 4
+  config.optim.base_lr = 0.01
+  config.optim.schedule_steps = 5
+  config.eval.batch_size = 2
+  config.eval.num_images = 2
+  config.loss.chunk_size = 8
+  return config

@@ -1,0 +1,131 @@
+"""orbax checkpoints: train state + data iterator, and `init_from` loading.
+
+Layout: WORKDIR/checkpoints/<step>/{state,data}. `state` is the TrainState
+(params, BatchNorm statistics, optimizer state, step); `data` is the grain
+iterator state of every process, so a resumed run sees exactly the batches
+it would have seen.
+
+`init_from` points at either a plca_jax workdir (its latest checkpoint's
+params and statistics are used) or a directory holding a StandardCheckpoint
+of `{"params": ..., "batch_stats": ...}` as `python -m plca_jax.convert`
+writes. Loading merges into the freshly initialised variables and fails on
+missing, unexpected or mis-shaped leaves, unless `allow_missing` (a regex
+over "/"-joined paths) names leaves that may keep their initial values.
+"""
+
+import os
+import re
+
+from absl import logging
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def create_manager(workdir, keep=3):
+  """CheckpointManager over WORKDIR/checkpoints with state and data items."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+      item_names=("state", "data"))
+
+
+def save(manager, step, state, data_iterator):
+  """Saves (asynchronously) the state and the iterator at `step`."""
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(data_iterator)))
+
+
+def restore(manager, step, abstract_state, data_iterator):
+  """Restores `step` into `abstract_state` (with shardings) and the iterator.
+
+  Returns:
+    the restored state; `data_iterator` is restored in place.
+  """
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(data_iterator)))
+  return restored["state"]
+
+
+def _flat(tree):
+  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _read_variables(path):
+  """{"params", "batch_stats"} as NumPy from a workdir or a checkpoint dir."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"init_from={path!r} does not exist")
+  checkpoints = os.path.join(path, "checkpoints")
+  if os.path.isdir(checkpoints):
+    manager = ocp.CheckpointManager(checkpoints, item_names=("state",))
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"init_from={path!r}: no checkpoint in "
+                              f"{checkpoints}")
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+    logging.info("init_from: %s step %d", checkpoints, step)
+    return {"params": state["params"], "batch_stats": state["batch_stats"]}
+  restored = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+  if not isinstance(restored, dict) or "params" not in restored:
+    raise ValueError(f"init_from={path!r} holds no 'params' tree; expected a "
+                     "plca_jax workdir or a directory written by "
+                     "`python -m plca_jax.convert`")
+  return {"params": restored["params"],
+          "batch_stats": restored.get("batch_stats", {})}
+
+
+def merge_variables(init, loaded, allow_missing="", source="init_from"):
+  """Copies `loaded` leaves into the `init` tree, strictly.
+
+  Args:
+    init: {"params", "batch_stats"} freshly initialised (arrays or
+      ShapeDtypeStructs).
+    loaded: the same structure read from disk (NumPy arrays).
+    allow_missing: regex; init leaves whose path matches may be absent from
+      `loaded` and keep their initial value (e.g. "classifier" when starting
+      from an ImageNet backbone).
+    source: name for messages.
+
+  Returns:
+    a tree like `init` with NumPy leaves from `loaded` where present.
+  """
+  want, have = _flat(init), _flat(loaded)
+  pattern = re.compile(allow_missing) if allow_missing else None
+  missing = [k for k in want if k not in have and
+             not (pattern and pattern.search(k))]
+  unexpected = [k for k in have if k not in want]
+  misshaped = [f"{k}: {np.shape(have[k])} vs expected {want[k].shape}"
+               for k in want if k in have and
+               tuple(np.shape(have[k])) != tuple(want[k].shape)]
+  problems = []
+  for title, keys in (("missing", missing), ("unexpected", unexpected),
+                      ("mis-shaped", misshaped)):
+    if keys:
+      problems.append(f"{len(keys)} {title}: " + ", ".join(keys[:20]) +
+                      (" ..." if len(keys) > 20 else ""))
+  if problems:
+    raise ValueError(f"{source}: variables do not match the model:\n" +
+                     "\n".join(problems))
+  kept = [k for k in want if k not in have]
+  if kept:
+    logging.info("%s: %d leaves keep their initial values (%s ...)", source,
+                 len(kept), kept[0])
+
+  def pick(path, leaf):
+    key = "/".join(str(getattr(k, "key", k)) for k in path)
+    if key in have:
+      return np.asarray(have[key], dtype=leaf.dtype)
+    return leaf
+  return jax.tree_util.tree_map_with_path(pick, init)
+
+
+def load_variables(path, init, allow_missing=""):
+  """Reads `path` (see module doc) and merges it into `init`."""
+  return merge_variables(init, _read_variables(path), allow_missing,
+                         f"init_from={path!r}")

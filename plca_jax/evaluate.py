@@ -1,0 +1,146 @@
+"""Evaluation on the target validation set (SPEC.md section 5).
+
+Images are resized by the input pipeline (730x1460 by default); the network
+runs in eval mode; with test-time aggregation (`config.eval.aggregate`)
+features <- 0.5 F + 0.5 agg_cos(F), logits from the head, P <- softmax,
+P <- 0.5 P + 0.5 agg_kl(P), and P is upsampled (bilinear, half-pixel) to the
+full-resolution label; without it the logits are upsampled. One confusion
+matrix over the whole set gives per-class IoU, mIoU, mIoU13 (16 classes)
+and pixel accuracy.
+"""
+
+import functools
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from plca_jax import checkpointing
+from plca_jax import losses
+from plca_jax import metrics as metrics_lib
+from plca_jax import models
+from plca_jax import sharding
+from plca_jax import visualize
+from plca_jax import writers
+from plca_jax.data import input_pipeline
+from plca_jax.data import labels as labels_lib
+from plca_jax.data import transforms
+
+
+def predict(variables, images, *, model, config, label_size):
+  """Class scores upsampled to `label_size`: (N, H, W, M).
+
+  Args:
+    variables: {"params", "batch_stats"}.
+    images: uint8 (N, h, w, 3) RGB network inputs.
+  """
+  x = transforms.encode(images, config.data.encoding)
+  out = model.apply(variables, x)
+  if not config.eval.aggregate:
+    return losses.upsample_bilinear(out["logits"], label_size)
+  alpha, chunk = config.eval.alpha, config.loss.chunk_size
+  features = losses.spatial_aggregate(out["features"], "cos", alpha, chunk)
+  logits = model.apply(variables, features, method="classify")
+  probs = losses.spatial_aggregate(jax.nn.softmax(logits, axis=-1), "kl",
+                                   alpha, chunk)
+  return losses.upsample_bilinear(probs, label_size)
+
+
+def eval_step(variables, batch, *, model, config):
+  """Confusion matrix (M, M) int32 and predictions (N, H, W) of one batch."""
+  labels = batch["label"]
+  scores = predict(variables, batch["image"], model=model, config=config,
+                   label_size=labels.shape[1:3])
+  predictions = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+  confusion = metrics_lib.confusion_matrix(
+      labels, predictions, config.model.num_classes, batch["mask"])
+  return confusion, predictions.astype(jnp.uint8)
+
+
+def evaluate(config, model, variables, mesh):
+  """Runs the whole evaluation set.
+
+  Returns:
+    (scores dict from `metrics.segmentation_scores`, list of up to
+    `config.eval.num_images` (image, label, prediction) NumPy triples from
+    process 0's first batch).
+  """
+  it, total = input_pipeline.create_eval_iterator(
+      config, jax.process_index(), jax.process_count())
+  sharding.check_batch_divides(config.eval.batch_size, mesh)
+  step = jax.jit(functools.partial(eval_step, model=model, config=config),
+                 in_shardings=(sharding.replicated(mesh),
+                               sharding.batch_sharding(mesh)),
+                 out_shardings=(sharding.replicated(mesh),
+                                sharding.batch_sharding(mesh)))
+  confusion = metrics_lib.ConfusionMatrix(
+      matrix=np.zeros((config.model.num_classes,) * 2, np.int64))
+  samples = []
+  for k, batch in enumerate(it):
+    arrays = {key: batch[key] for key in ("image", "label", "mask")}
+    matrix, predictions = step(variables, sharding.to_global(arrays, mesh))
+    confusion = confusion.merge(
+        metrics_lib.ConfusionMatrix(matrix=jax.device_get(matrix)))
+    if k == 0 and config.eval.num_images > 0:
+      local = [np.asarray(s.data) for s in predictions.addressable_shards]
+      local = np.concatenate(local)[:config.eval.num_images]
+      samples = [(batch["image"][i], batch["label"][i], local[i])
+                 for i in range(len(local)) if batch["mask"][i]]
+  counted = int(confusion.matrix.sum())
+  logging.info("Evaluated %d images (%d labelled pixels).", total, counted)
+  names = labels_lib.CLASS_NAMES[config.model.num_classes]
+  return metrics_lib.segmentation_scores(confusion.compute(), names), samples
+
+
+def format_table(scores, num_classes):
+  """The per-class IoU table as text."""
+  lines = [f"{'class':<14}{'IoU':>8}"]
+  for name in labels_lib.CLASS_NAMES[num_classes]:
+    lines.append(f"{name:<14}{100 * scores[f'iou/{name}']:8.2f}")
+  lines.append(f"{'mIoU':<14}{100 * scores['miou']:8.2f}")
+  if "miou13" in scores:
+    lines.append(f"{'mIoU13':<14}{100 * scores['miou13']:8.2f}")
+  lines.append(f"{'pixel acc.':<14}{100 * scores['pixel_accuracy']:8.2f}")
+  return "\n".join(lines)
+
+
+def evaluate_and_write(config, model, variables, mesh, writer, step):
+  """Evaluates `variables` and writes scalars (eval/...) and image rows."""
+  scores, samples = evaluate(config, model, variables, mesh)
+  logging.info("Evaluation at step %d:\n%s", step,
+               format_table(scores, config.model.num_classes))
+  writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
+  if samples:
+    rows = [visualize.prediction_row(image, label, prediction,
+                                     config.model.num_classes)
+            for image, label, prediction in samples]
+    writer.write_images(step, {"eval/input_label_prediction":
+                               np.stack(rows)})
+  return scores
+
+
+def evaluate_checkpoint(config, workdir):
+  """Eval-only run: WORKDIR's latest checkpoint, else `config.init_from`.
+
+  Writes eval/... metrics at the checkpoint's step and prints the table.
+  """
+  model = models.get_model(config)
+  mesh = sharding.create_mesh()
+  init = jax.eval_shape(lambda r: model.init(
+      r, jnp.zeros((1, *config.data.eval_image_size, 3))), jax.random.key(0))
+  manager = checkpointing.create_manager(workdir)
+  step = manager.latest_step()
+  source = workdir if step is not None else config.init_from
+  if not source:
+    raise FileNotFoundError(
+        f"nothing to evaluate: no checkpoint under {workdir}/checkpoints and "
+        "config.init_from is empty")
+  variables = jax.device_put(checkpointing.load_variables(source, init),
+                             sharding.replicated(mesh))
+  writer = writers.create_writer(workdir, jax.process_index())
+  scores = evaluate_and_write(config, model, variables, mesh, writer,
+                              step or 0)
+  writer.flush()
+  print(format_table(scores, config.model.num_classes))
+  return scores

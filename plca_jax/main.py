@@ -1,0 +1,49 @@
+"""Entry point: python -m plca_jax.main --config=configs/synthia.py --workdir=DIR.
+
+Modes: train_and_eval (default), train, eval (latest checkpoint of WORKDIR,
+else `config.init_from`). Any config key is overridable on the command line,
+e.g. `--config.train.num_steps=20`.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from plca_jax import evaluate
+from plca_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (get_config).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here.")
+flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train",
+                                             "eval"], "What to run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  workdir = FLAGS.workdir
+  logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  logging.info("Config:\n%s", config)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  if FLAGS.mode == "eval":
+    evaluate.evaluate_checkpoint(config, workdir)
+  else:
+    train.train_and_evaluate(
+        config, workdir, evaluate_during_training=FLAGS.mode != "train")
+
+
+if __name__ == "__main__":
+  app.run(main)

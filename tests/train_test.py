@@ -1,0 +1,173 @@
+"""End-to-end tests of training, checkpoints, metrics and evaluation."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from absl.testing import absltest
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from configs import test as test_config
+from plca_jax import checkpointing
+from plca_jax import evaluate
+from plca_jax import train
+from plca_jax import writers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _params(workdir, config):
+  """Parameters of the latest checkpoint in `workdir`, as NumPy."""
+  model = train.models.get_model(config)
+  init = train.abstract_variables(config, model)
+  return checkpointing.load_variables(workdir, init)["params"]
+
+
+def _max_diff(a, b):
+  return max(float(np.max(np.abs(x - y)))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+class OptimizerTest(absltest.TestCase):
+
+  def test_poly_schedule_sgd_and_head_multiplier(self):
+    config = test_config.get_config()
+    config.optim.base_lr = 0.1
+    config.optim.schedule_steps = 10
+    config.optim.head_lr_mult = 10.0
+    config.optim.weight_decay = 0.5
+    lr = train.create_learning_rate_fn(config)
+    for step in (0, 3, 9, 10, 12):
+      expected = 0.1 * max(0.0, 1 - step / 10) ** 0.9
+      np.testing.assert_allclose(lr(step), expected, rtol=1e-6, atol=1e-9)
+      # Under jit too: optax's polynomial_schedule gives NaN at the horizon.
+      np.testing.assert_allclose(jax.jit(lr)(jnp.int32(step)), expected,
+                                 rtol=1e-6, atol=1e-9)
+    params = {"backbone": {"w": jnp.ones(2)}, "classifier": {"w": jnp.ones(2)}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx = train.create_optimizer(config)
+    opt_state = tx.init(params)
+    # PyTorch SGD: d = g + wd * p; buf = momentum * buf + d; p -= lr * buf.
+    p_backbone, p_head, buf_b, buf_h = 1.0, 1.0, 0.0, 0.0
+    for step in range(3):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      buf_b = 0.9 * buf_b + (1 + 0.5 * p_backbone)
+      buf_h = 0.9 * buf_h + (1 + 0.5 * p_head)
+      p_backbone -= float(lr(step)) * buf_b
+      p_head -= 10 * float(lr(step)) * buf_h
+    np.testing.assert_allclose(params["backbone"]["w"], p_backbone, rtol=1e-5)
+    np.testing.assert_allclose(params["classifier"]["w"], p_head, rtol=1e-5)
+
+
+class TrainAndEvaluateTest(absltest.TestCase):
+
+  def test_train_evaluate_resume_and_metrics(self):
+    workdir = self.create_tempdir().full_path
+    config = test_config.get_config()
+    state = train.train_and_evaluate(config, workdir)
+    self.assertEqual(int(state.step), 4)
+    self.assertEqual(
+        sorted(os.listdir(os.path.join(workdir, "checkpoints"))), ["2", "4"])
+    self.assertNotEmpty(glob.glob(os.path.join(workdir, "events.out.*")))
+    records = writers.read_metrics(workdir)
+    train_steps = [r["step"] for r in records if "train/loss" in r]
+    self.assertEqual(train_steps, [2, 4])
+    first = next(r for r in records if "train/loss" in r)
+    for key in ("train/ce", "train/lovasz", "train/fass", "train/cass",
+                "train/lsr_source", "train/fass_consistent",
+                "train/fass_reached", "train/learning_rate",
+                "train/grad_norm"):
+      self.assertIn(key, first)
+    self.assertTrue(np.isfinite(first["train/loss"]))
+    np.testing.assert_allclose(first["train/learning_rate"],
+                               0.01 * (1 - 1 / 5) ** 0.9, rtol=1e-5)
+    evals = [r for r in records if "eval/miou" in r]
+    self.assertEqual([r["step"] for r in evals], [4])
+    self.assertBetween(evals[0]["eval/miou"], 0.0, 1.0)
+    self.assertIn("eval/miou13", evals[0])
+    self.assertIn("eval/iou/road", evals[0])
+    self.assertTrue(any("steps_per_sec" in r for r in records))
+
+    # Re-running resumes from step 4 and trains on to the new end.
+    config.train.num_steps = 6
+    state = train.train_and_evaluate(config, workdir,
+                                     evaluate_during_training=False)
+    self.assertEqual(int(state.step), 6)
+    steps = [r["step"] for r in writers.read_metrics(workdir)
+             if "train/loss" in r]
+    self.assertEqual(steps, [2, 4, 6])
+
+    # Eval-only on the latest checkpoint, with and without aggregation.
+    scores = evaluate.evaluate_checkpoint(config, workdir)
+    config.eval.aggregate = False
+    plain = evaluate.evaluate_checkpoint(config, workdir)
+    self.assertNotEqual(scores["pixel_accuracy"], plain["pixel_accuracy"])
+
+  def test_non_finite_loss_stops_and_keeps_last_checkpoint(self):
+    workdir = self.create_tempdir().full_path
+    config = test_config.get_config()
+    config.train.log_every = 1
+    config.train.checkpoint_every = 1
+    original = train.train_step
+
+    def diverging_step(state, batch, **kwargs):
+      new_state, scalars = original(state, batch, **kwargs)
+      nan = jnp.where(state.step >= 2, jnp.nan, 0.0)  # from the 3rd update
+      new_state = new_state.replace(
+          params=jax.tree.map(lambda p: p + nan, new_state.params))
+      return new_state, {**scalars, "loss": scalars["loss"] + nan}
+
+    train.train_step = diverging_step
+    try:
+      with self.assertRaisesRegex(FloatingPointError,
+                                  "non-finite loss nan .* up to 3"):
+        train.train_and_evaluate(config, workdir,
+                                 evaluate_during_training=False)
+    finally:
+      train.train_step = original
+    manager = checkpointing.create_manager(workdir)
+    self.assertEqual(manager.latest_step(), 2)
+    params = _params(workdir, config)
+    self.assertTrue(all(np.all(np.isfinite(p))
+                        for p in jax.tree.leaves(params)))
+
+  def test_sigkill_then_rerun_equals_uninterrupted(self):
+    config = test_config.get_config()
+    config.train.num_steps = 6
+    reference = self.create_tempdir().full_path
+    train.train_and_evaluate(config, reference,
+                             evaluate_during_training=False)
+
+    workdir = self.create_tempdir().full_path
+    command = [sys.executable, "-m", "plca_jax.main",
+               f"--config={REPO}/configs/test.py", f"--workdir={workdir}",
+               "--mode=train", "--config.train.num_steps=6"]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = os.path.join(workdir, "checkpoints", "2")
+    deadline = time.time() + 240
+    while not os.path.isdir(first) and proc.poll() is None:
+      self.assertLess(time.time(), deadline, "no checkpoint appeared")
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    self.assertNotEqual(
+        checkpointing.create_manager(workdir).latest_step(), 6,
+        "the run finished before it could be killed")
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=300)
+    self.assertEqual(checkpointing.create_manager(workdir).latest_step(), 6)
+    diff = _max_diff(_params(workdir, config), _params(reference, config))
+    self.assertLess(diff, 1e-5)
+
+
+if __name__ == "__main__":
+  absltest.main()
