@@ -4,8 +4,8 @@ One update (SPEC.md section 3) consumes `config.train.grad_accum_steps`
 micro-batches of `config.train.batch_size` source and as many target images
 (global). Per micro-batch, source and target go through the network as two
 forward passes (per-domain BatchNorm statistics over the global batch), the
-PLCA objective is evaluated, and gradients are averaged over micro-batches
-with `lax.scan`; then SGD (momentum, L2 weight decay added to gradients,
+PLCA objective is evaluated, and gradients are averaged over micro-batches;
+then SGD (momentum, L2 weight decay added to gradients,
 poly learning rate with its own horizon, head LR multiplier) updates.
 """
 
@@ -138,23 +138,23 @@ def train_step(state, batch, *, model, config):
   grad_fn = jax.value_and_grad(
       functools.partial(_micro_batch_loss, model=model, config=config),
       has_aux=True)
-
-  def body(carry, micro):
-    grads_sum, batch_stats = carry
-    (loss, (terms, batch_stats)), grads = grad_fn(state.params, batch_stats,
-                                                  micro)
-    grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-    return (grads_sum, batch_stats), {"loss": loss, **terms}
-
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
-  micro_batches = {d: {"image": batch[d]["image"], "label": batch[d]["label"]}
-                   for d in ("source", "target")}
-  (grads, batch_stats), terms = jax.lax.scan(
-      body, (zeros, state.batch_stats), micro_batches)
-  k = jax.tree.leaves(micro_batches)[0].shape[0]
+  # A Python loop over the K (static, small) micro-batches: on XLA:CPU a
+  # lax.scan, even unrolled, made the demo's update 3x slower (1.42 s vs
+  # 0.46 s). Gradients are summed as they come; BatchNorm statistics thread
+  # through the micro-batches in order.
+  k = batch["source"]["image"].shape[0]
+  grads, batch_stats, terms = None, state.batch_stats, []
+  for i in range(k):
+    micro = {d: {key: batch[d][key][i] for key in ("image", "label")}
+             for d in ("source", "target")}
+    (loss, (micro_terms, batch_stats)), micro_grads = grad_fn(
+        state.params, batch_stats, micro)
+    grads = micro_grads if grads is None else jax.tree.map(
+        jnp.add, grads, micro_grads)
+    terms.append({"loss": loss, **micro_terms})
   grads = jax.tree.map(lambda g: g / k, grads)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  scalars = jax.tree.map(jnp.mean, terms)
+  scalars = jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *terms)
   scalars["grad_norm"] = optax.tree.norm(grads)
   return new_state, scalars
 

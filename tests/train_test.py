@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,6 +138,30 @@ class TrainAndEvaluateTest(absltest.TestCase):
     params = _params(workdir, config)
     self.assertTrue(all(np.all(np.isfinite(p))
                         for p in jax.tree.leaves(params)))
+
+  def test_sigterm_checkpoints_and_exits_cleanly(self):
+    workdir = self.create_tempdir().full_path
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "plca_jax.main",
+         f"--config={REPO}/configs/test.py", f"--workdir={workdir}",
+         "--mode=train", "--config.train.num_steps=1000",
+         "--config.train.checkpoint_every=2"],
+        env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not os.path.isdir(os.path.join(workdir, "checkpoints", "2")):
+      self.assertIsNone(proc.poll(), "the run ended early")
+      self.assertLess(time.time(), deadline, "no checkpoint appeared")
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    self.assertEqual(proc.returncode, 0, stderr[-2000:])
+    self.assertIn("Stopped at step", stderr)
+    stopped = int(re.findall(r"Stopped at step (\d+)", stderr)[-1])
+    self.assertEqual(checkpointing.create_manager(workdir).latest_step(),
+                     stopped)
+    self.assertEqual(glob.glob(os.path.join(workdir, "checkpoints", "*tmp*")),
+                     [])
 
   def test_sigkill_then_rerun_equals_uninterrupted(self):
     config = test_config.get_config()

@@ -1,0 +1,66 @@
+"""Tests of the shipped configs: derived values and strict keys."""
+
+import os
+import subprocess
+import sys
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from configs import default
+from configs import demo
+from configs import gta5
+from configs import synthia
+from configs import synthia_r18
+from configs import test as test_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ConfigsTest(parameterized.TestCase):
+
+  def test_paper_schedules(self):
+    # SPEC.md section 3: epoch = ceil(2975 / 4 / 2) = 372 updates.
+    config = synthia.get_config()
+    self.assertEqual((config.train.num_steps, config.optim.schedule_steps),
+                     (8 * 372, 10 * 372))
+    self.assertEqual(config.model.num_classes, 16)
+    self.assertEqual(config.loss.lovasz_weight, 1.5)
+    config = gta5.get_config()
+    self.assertEqual((config.train.num_steps, config.optim.schedule_steps),
+                     (28 * 372, 30 * 372))
+    self.assertEqual(config.model.num_classes, 19)
+    config = synthia_r18.get_config()
+    self.assertEqual((config.model.depth, config.train.batch_size,
+                      config.train.grad_accum_steps, config.train.num_steps),
+                     (18, 4, 1, 30_000))
+
+  @parameterized.parameters(demo, gta5, synthia, synthia_r18, test_config)
+  def test_every_key_is_declared_in_default(self, module):
+    keys = lambda c, p="": {p + k for k in c.keys()} | set().union(
+        *[keys(v, f"{p}{k}.") for k, v in c.items() if hasattr(v, "keys")])
+    self.assertEqual(keys(module.get_config()),
+                     keys(default.get_config()))
+
+  def test_misspelt_key_and_missing_dataset_fail_before_compute(self):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    base = [sys.executable, "-m", "plca_jax.main",
+            f"--workdir={self.create_tempdir().full_path}"]
+    bad_key = subprocess.run(
+        base + [f"--config={REPO}/configs/test.py",
+                "--config.train.num_step=3"],
+        env=env, capture_output=True, text=True, timeout=120)
+    self.assertNotEqual(bad_key.returncode, 0)
+    self.assertIn("num_step", bad_key.stderr)
+    missing = subprocess.run(
+        base + [f"--config={REPO}/configs/synthia.py",
+                "--config.data.source.root=/nonexistent/SYNTHIA",
+                "--config.data.target.root=/nonexistent/cityscapes"],
+        env=env, capture_output=True, text=True, timeout=120)
+    self.assertNotEqual(missing.returncode, 0)
+    self.assertIn("/nonexistent/SYNTHIA/RGB", missing.stderr)
+    self.assertIn("Expected layout", missing.stderr)
+
+
+if __name__ == "__main__":
+  absltest.main()
