@@ -80,20 +80,19 @@ def _read_variables(path):
           "batch_stats": restored.get("batch_stats", {})}
 
 
-def merge_variables(init, loaded, allow_missing="", source="init_from"):
-  """Copies `loaded` leaves into the `init` tree, strictly.
+def check_variables(init, loaded, allow_missing="", source="init_from"):
+  """Raises ValueError listing missing, unexpected or mis-shaped leaves.
 
   Args:
-    init: {"params", "batch_stats"} freshly initialised (arrays or
+    init: the model's {"params", "batch_stats"} (arrays or
       ShapeDtypeStructs).
-    loaded: the same structure read from disk (NumPy arrays).
-    allow_missing: regex; init leaves whose path matches may be absent from
-      `loaded` and keep their initial value (e.g. "classifier" when starting
-      from an ImageNet backbone).
+    loaded: the same structure read from disk.
+    allow_missing: regex; init leaves whose "/"-joined path matches may be
+      absent from `loaded` (e.g. "classifier" for an ImageNet backbone).
     source: name for messages.
 
   Returns:
-    a tree like `init` with NumPy leaves from `loaded` where present.
+    the paths of init leaves that `loaded` does not provide.
   """
   want, have = _flat(init), _flat(loaded)
   pattern = re.compile(allow_missing) if allow_missing else None
@@ -112,7 +111,28 @@ def merge_variables(init, loaded, allow_missing="", source="init_from"):
   if problems:
     raise ValueError(f"{source}: variables do not match the model:\n" +
                      "\n".join(problems))
-  kept = [k for k in want if k not in have]
+  return [k for k in want if k not in have]
+
+
+def merge_variables(init, loaded, allow_missing="", source="init_from"):
+  """Copies `loaded` leaves into the `init` tree, strictly.
+
+  Args:
+    init: {"params", "batch_stats"} freshly initialised; ShapeDtypeStructs
+      are accepted for leaves that `loaded` provides, leaves that keep their
+      initial value must be concrete arrays.
+    loaded, allow_missing, source: as in `check_variables`.
+
+  Returns:
+    a tree like `init` with NumPy leaves from `loaded` where present.
+  """
+  kept = check_variables(init, loaded, allow_missing, source)
+  want, have = _flat(init), _flat(loaded)
+  abstract = [k for k in kept if isinstance(want[k], jax.ShapeDtypeStruct)]
+  if abstract:
+    raise ValueError(f"{source}: {len(abstract)} leaves would keep an "
+                     f"abstract initial value ({abstract[0]} ...); pass "
+                     "concrete initial variables")
   if kept:
     logging.info("%s: %d leaves keep their initial values (%s ...)", source,
                  len(kept), kept[0])

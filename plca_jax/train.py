@@ -83,26 +83,29 @@ def image_shape(config):
   return (1, *config.data.crop_size, 3)
 
 
-def create_train_state(config, model, rng, mesh, init_variables=None):
-  """Initialises (or takes `init_variables`) straight onto the mesh."""
+def create_train_state(config, model, rng, mesh):
+  """Initialises the train state straight onto the mesh.
+
+  With `config.init_from`, its variables replace the initial ones (leaves
+  matching `config.init_allow_missing` may keep their initial values).
+  """
   tx = create_optimizer(config)
+  replicated = sharding.replicated(mesh)
 
   def init(rng):
     variables = model.init(rng, jnp.zeros(image_shape(config)), train=False)
-    return variables["params"], variables["batch_stats"]
+    return {"params": variables["params"],
+            "batch_stats": variables["batch_stats"]}
 
-  def build(params, batch_stats):
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                             batch_stats=batch_stats)
+  variables = jax.jit(init, out_shardings=replicated)(rng)
+  if config.init_from:
+    variables = jax.device_put(checkpointing.load_variables(
+        config.init_from, variables, config.init_allow_missing), replicated)
 
-  replicated = sharding.replicated(mesh)
-  if init_variables is None:
-    params, batch_stats = jax.jit(init, out_shardings=replicated)(rng)
-  else:
-    params, batch_stats = jax.device_put(
-        (init_variables["params"], init_variables["batch_stats"]),
-        replicated)
-  return jax.jit(build, out_shardings=replicated)(params, batch_stats)
+  def build(variables):
+    return TrainState.create(apply_fn=model.apply, tx=tx, **variables)
+
+  return jax.jit(build, out_shardings=replicated)(variables)
 
 
 def abstract_variables(config, model):
@@ -236,12 +239,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                          config.train.keep_checkpoints)
   rng = jax.random.key(config.seed)
   latest = manager.latest_step()
-  init_variables = None
-  if latest is None and config.init_from:
-    init_variables = checkpointing.load_variables(
-        config.init_from, abstract_variables(config, model),
-        config.init_allow_missing)
-  state = create_train_state(config, model, rng, mesh, init_variables)
+  if latest is not None:  # the checkpoint replaces any init_from
+    config = config.copy_and_resolve_references()
+    config.init_from = ""
+  state = create_train_state(config, model, rng, mesh)
   if latest is not None:
     logging.info("Resuming from %s step %d", manager.directory, latest)
     state = checkpointing.restore(manager, latest, state, train_iter)

@@ -105,6 +105,21 @@ class TrainAndEvaluateTest(absltest.TestCase):
              if "train/loss" in r]
     self.assertEqual(steps, [2, 4, 6])
 
+    # A new run initialised from this workdir starts from its parameters.
+    fresh = test_config.get_config()
+    fresh.init_from = workdir
+    started = train.create_train_state(fresh, train.models.get_model(fresh),
+                                       jax.random.key(1),
+                                       train.sharding.create_mesh())
+    self.assertEqual(int(started.step), 0)
+    self.assertLess(_max_diff(jax.device_get(started.params),
+                              _params(workdir, config)), 1e-7)
+    fresh.init_from = os.path.join(workdir, "nothing")
+    with self.assertRaisesRegex(FileNotFoundError, "nothing"):
+      train.create_train_state(fresh, train.models.get_model(fresh),
+                               jax.random.key(1),
+                               train.sharding.create_mesh())
+
     # Eval-only on the latest checkpoint, with and without aggregation.
     scores = evaluate.evaluate_checkpoint(config, workdir)
     config.eval.aggregate = False

@@ -1,0 +1,119 @@
+"""Tests of plca_jax.convert on PyTorch models built in tests/torch_models."""
+
+import os
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from plca_jax import checkpointing
+from plca_jax import convert
+from plca_jax import models
+from plca_jax.data import labels
+from tests import torch_models
+
+
+def _relative_error(ours, theirs):
+  return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
+
+
+def _nhwc(t):
+  return np.moveaxis(t.detach().numpy(), 1, -1)
+
+
+class ConvertTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.dir = self.create_tempdir().full_path
+    rng = np.random.default_rng(0)
+    self.x = rng.normal(size=(2, 49, 57, 3)).astype(np.float32)
+
+  def _load(self, out_dir, depth, num_classes, allow=""):
+    model = models.DeepLabV2(num_classes=num_classes, depth=depth)
+    init = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    return model, checkpointing.load_variables(out_dir, init, allow)
+
+  @parameterized.parameters((18, 16), (50, 19))
+  def test_released_model_matches_pytorch(self, depth, num_classes):
+    net = torch_models.randomize(torch_models.DeepLabV2(depth, num_classes),
+                                 seed=depth)
+    path = os.path.join(self.dir, "model.weights")
+    # The release saves {"weights": state_dict}, here with DataParallel's
+    # "module." prefix.
+    torch.save({"weights": {"module." + k: v
+                            for k, v in net.state_dict().items()}}, path)
+    out = os.path.join(self.dir, "flax")
+    _, got_depth, got_classes = convert.convert(path, out)
+    self.assertEqual((got_depth, got_classes), (depth, num_classes))
+    model, variables = self._load(out, depth, num_classes)
+    ours = model.apply(variables, self.x)
+    with torch.no_grad():
+      features, logits = net(torch.from_numpy(np.moveaxis(self.x, -1, 1)))
+    self.assertLess(_relative_error(ours["features"], _nhwc(features)), 1e-4)
+    # Release channel order -> trainId order.
+    order = convert.RELEASE_ORDER[num_classes]
+    index = [order.index(n) for n in labels.CLASS_NAMES[num_classes]]
+    self.assertLess(_relative_error(ours["logits"],
+                                    _nhwc(logits)[..., index]), 1e-4)
+
+  def test_class_permutation(self):
+    net = torch_models.randomize(torch_models.DeepLabV2(18, 16), seed=1)
+    path = os.path.join(self.dir, "model.weights")
+    torch.save({"weights": net.state_dict()}, path)
+    variables, _, _ = convert.convert(path, os.path.join(self.dir, "out"))
+    names = labels.CLASS_NAMES[16]
+    release = convert.RELEASE_ORDER[16]
+    for i in range(4):
+      theirs = np.transpose(
+          net.classifier[0].convs[i][0].weight.detach().numpy(), (2, 3, 1, 0))
+      ours = variables["params"]["classifier"][f"conv{i}"]["kernel"]
+      # trainId 0 is road, the release's channel 2; sky is 9 vs 0.
+      np.testing.assert_array_equal(ours[..., names.index("road")],
+                                    theirs[..., release.index("road")])
+      np.testing.assert_array_equal(ours[..., names.index("sky")],
+                                    theirs[..., 0])
+      self.assertEqual(release.index("road"), 2)
+
+  @parameterized.parameters(18, 50)
+  def test_imagenet_backbone_matches_pytorch(self, depth):
+    net = torch_models.randomize(torch_models.ResNet(depth), seed=depth + 1)
+    path = os.path.join(self.dir, "resnet.pth")
+    torch.save(net.state_dict(), path)  # torchvision format, with fc
+    out = os.path.join(self.dir, "flax")
+    convert.convert(path, out)
+    with self.assertRaisesRegex(ValueError, "missing: .*classifier"):
+      self._load(out, depth, 19)
+    model, variables = self._load(out, depth, 19, allow="classifier")
+    ours = model.apply(variables, self.x)["features"]
+    with torch.no_grad():
+      theirs = net(torch.from_numpy(np.moveaxis(self.x, -1, 1)))
+    self.assertLess(_relative_error(ours, _nhwc(theirs)), 1e-4)
+
+  def test_bad_keys_are_listed(self):
+    net = torch_models.DeepLabV2(18, 16)
+    state = net.state_dict()
+    state["backbone.layer1.0.extra.weight"] = torch.zeros(3)
+    path = os.path.join(self.dir, "bad.weights")
+    torch.save({"weights": state}, path)
+    with self.assertRaisesRegex(ValueError,
+                                r"unknown key\(s\): .*layer1\.0\.extra"):
+      convert.convert(path, os.path.join(self.dir, "o1"))
+    state = net.state_dict()
+    del state["backbone.layer2.0.bn1.running_var"]
+    state["backbone.layer1.0.conv1.weight"] = torch.zeros(32, 64, 3, 3)
+    torch.save({"weights": state}, path)
+    with self.assertRaisesRegex(
+        ValueError, r"(?s)missing: .*layer2_0/bn1/var.*mis-shaped: "
+        r".*layer1_0/conv1/kernel"):
+      convert.convert(path, os.path.join(self.dir, "o2"))
+    torch.save({"weights": net.state_dict()}, path)
+    with self.assertRaisesRegex(ValueError, "--num_classes=19 .* 16-class"):
+      convert.convert(path, os.path.join(self.dir, "o3"), num_classes=19)
+
+
+if __name__ == "__main__":
+  absltest.main()
