@@ -77,6 +77,10 @@ def get_config():
   config.train.checkpoint_every = 500
   config.train.eval_every = 1000
   config.train.keep_checkpoints = 3
+  # Network compute dtype: "float32" or "bfloat16". Parameters, optimizer
+  # state and BatchNorm statistics stay float32; the losses (association
+  # similarities included) are computed in float32 from the network outputs.
+  config.train.compute_dtype = "float32"
 
   config.optim = ml_collections.ConfigDict()
   config.optim.base_lr = 2.5e-4

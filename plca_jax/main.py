@@ -5,7 +5,6 @@ else `config.init_from`). Any config key is overridable on the command line,
 e.g. `--config.train.num_steps=20`.
 """
 
-import json
 import os
 
 from absl import app
@@ -23,12 +22,32 @@ config_flags.DEFINE_config_file("config", None, "Config file (get_config).",
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here.")
 flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train",
                                              "eval"], "What to run.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 for jax.distributed (clusters "
+                    "other than Cloud TPU, local multi-process tests).")
+flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+# Set by launch/ scripts on Cloud TPU VMs, where jax.distributed finds the
+# coordinator and process layout by itself.
+DISTRIBUTED_ENV = "PLCA_JAX_DISTRIBUTED"
+
+
+def maybe_initialize_distributed():
+  """Starts jax.distributed when asked (flags or environment), first thing."""
+  if FLAGS.coordinator_address or FLAGS.num_processes:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
+  elif os.environ.get(DISTRIBUTED_ENV):
+    jax.distributed.initialize()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  maybe_initialize_distributed()
   config = FLAGS.config
   workdir = FLAGS.workdir
   logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),

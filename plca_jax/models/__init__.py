@@ -1,18 +1,31 @@
 """Model registry: one small dict from name to class, and `get_model`."""
 
+import jax.numpy as jnp
+
 from plca_jax.models.deeplab_v2 import DeepLabV2
 from plca_jax.models.resnet import ResNet
 
 MODELS = {"deeplab_v2": DeepLabV2}
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def get_model(config, dtype=None):
-  """Builds the model named by `config.model.name` from `config.model`."""
+  """Builds the model named by `config.model.name` from `config.model`.
+
+  The compute dtype is `dtype` if given, else `config.train.compute_dtype`.
+  """
   if config.model.name not in MODELS:
     raise ValueError(f"config.model.name={config.model.name!r}; expected one "
                      f"of {sorted(MODELS)}")
   kwargs = dict(num_classes=config.model.num_classes,
                 depth=config.model.depth, width=config.model.width)
-  if dtype is not None:
-    kwargs["dtype"] = dtype
+  if dtype is None:
+    name = config.train.compute_dtype
+    if name not in DTYPES:
+      raise ValueError(f"config.train.compute_dtype={name!r}; expected one "
+                       f"of {sorted(DTYPES)}")
+    dtype = DTYPES[name]
+  kwargs["dtype"] = dtype
   return MODELS[config.model.name](**kwargs)

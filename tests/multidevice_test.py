@@ -1,0 +1,39 @@
+"""8 CPU devices vs 1, and bfloat16 vs float32 (tests/multidevice_check.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl.testing import absltest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class MultiDeviceTest(absltest.TestCase):
+
+  def test_eight_devices_equal_one_and_bfloat16_is_close(self):
+    env = {**os.environ, "PYTHONPATH": REPO,
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") +
+                        " --xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-m", "tests.multidevice_check"],
+                          env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Same global batch, one update: sharding changes nothing but rounding.
+    self.assertGreater(r["param_change"], 1e-4)  # the update did something
+    self.assertLess(r["params"], 1e-5)
+    self.assertLess(r["batch_stats_rel"], 1e-5)
+    self.assertLess(abs(r["loss_1"] - r["loss_8"]), 1e-4 * abs(r["loss_1"]))
+    for name, (one, eight) in r["terms"].items():
+      self.assertLess(abs(one - eight), 1e-4 * max(abs(one), 1e-3), name)
+    # bfloat16 compute: finite, float32 parameters, close to float32.
+    self.assertTrue(r["bf16_finite"])
+    self.assertEqual(r["bf16_param_dtype"], "float32")
+    self.assertLess(abs(r["bf16_loss"] - r["loss_1"]), 0.01 * r["loss_1"])
+    self.assertLess(r["bf16_params"], 0.25 * r["param_change"])
+
+
+if __name__ == "__main__":
+  absltest.main()
