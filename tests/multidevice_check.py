@@ -10,6 +10,7 @@ count is fixed when JAX starts).
 
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ def _max_rel_diff(a, b):
 
 
 def one_update(config, state, batch, devices):
+  """(params, batch_stats, scalars, all-gather shapes of the compiled step)."""
   mesh = sharding.create_mesh(devices)
   model = models.get_model(config)
   state = jax.device_put(state, sharding.replicated(mesh))
@@ -41,8 +43,12 @@ def one_update(config, state, batch, devices):
                                    config=config),
                  in_shardings=(sharding.replicated(mesh),
                                sharding.batch_sharding(mesh, 1)))
-  new_state, scalars = step(state, sharding.to_global(batch, mesh, 1))
-  return jax.device_get((new_state.params, new_state.batch_stats, scalars))
+  batch = sharding.to_global(batch, mesh, 1)
+  hlo = step.lower(state, batch).compile().as_text()
+  gathers = re.findall(r"= (\w+\[[\d,]*\])\S* all-gather\(", hlo)
+  new_state, scalars = step(state, batch)
+  return jax.device_get((new_state.params, new_state.batch_stats,
+                         scalars)) + (gathers,)
 
 
 def main():
@@ -55,11 +61,11 @@ def main():
       config, models.get_model(config), jax.random.key(0), mesh1))
   batch, _ = train.next_update_batch(
       input_pipeline.create_train_iterator(config), 2)
-  p1, s1, m1 = one_update(config, state, batch, jax.devices()[:1])
-  p8, s8, m8 = one_update(config, state, batch, jax.devices())
+  p1, s1, m1, _ = one_update(config, state, batch, jax.devices()[:1])
+  p8, s8, m8, gathers = one_update(config, state, batch, jax.devices())
   bf16 = config.copy_and_resolve_references()
   bf16.train.compute_dtype = "bfloat16"
-  pb, _, mb = one_update(bf16, state, batch, jax.devices()[:1])
+  pb, _, mb, _ = one_update(bf16, state, batch, jax.devices()[:1])
   print(json.dumps({
       "params": _max_diff(p1, p8),
       "param_change": _max_diff(p1, state.params),
@@ -71,6 +77,10 @@ def main():
       "bf16_finite": bool(all(np.all(np.isfinite(np.asarray(x, np.float32)))
                               for x in jax.tree.leaves(pb))),
       "bf16_param_dtype": str(jax.tree.leaves(pb)[0].dtype),
+      "all_gathers": gathers,
+      "lovasz_shape": "f32[%d,%d]" % (
+          config.train.batch_size * int(np.prod(config.data.crop_size)),
+          config.model.num_classes),
   }))
 
 

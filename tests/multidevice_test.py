@@ -28,6 +28,12 @@ class MultiDeviceTest(absltest.TestCase):
     self.assertLess(abs(r["loss_1"] - r["loss_8"]), 1e-4 * abs(r["loss_1"]))
     for name, (one, eight) in r["terms"].items():
       self.assertLess(abs(one - eight), 1e-4 * max(abs(one), 1e-3), name)
+    # The association of each image pair stays on its device: the only
+    # cross-device gathers in the compiled step are the Lovasz inputs (its
+    # sort runs over the global batch at label resolution, SPEC.md s. 2);
+    # no feature or stride-8 map is gathered.
+    self.assertNotEmpty(r["all_gathers"])
+    self.assertEqual(set(r["all_gathers"]), {r["lovasz_shape"]})
     # bfloat16 compute: finite, float32 parameters, close to float32.
     self.assertTrue(r["bf16_finite"])
     self.assertEqual(r["bf16_param_dtype"], "float32")
