@@ -21,6 +21,42 @@ def domain(name, root="", split="train", *, require_labels=True,
       num_images=num_images))  # synthetic only
 
 
+def use_synthetic_domains(config, *, num_train, num_eval, height, width):
+  """Source/target/eval from the procedural domains (plca_jax.data.synthetic).
+
+  The target stream is unlabelled; evaluation uses held-out target scenes
+  (the "val" split), at full resolution.
+  """
+  config.data.source = domain("synthetic", synthetic_domain="source",
+                              num_images=num_train)
+  config.data.target = domain("synthetic", synthetic_domain="target",
+                              num_images=num_train, require_labels=False)
+  config.data.eval = domain("synthetic", split="val",
+                            synthetic_domain="target", num_images=num_eval)
+  config.data.synthetic_height, config.data.synthetic_width = height, width
+  config.data.eval_image_size = (height, width)
+  config.data.eval_label_size = (height, width)
+
+
+def use_paper_setting(config, source, num_classes, train_epochs,
+                      horizon_epochs):
+  """X -> Cityscapes as in the paper: R101, ImageNet backbone, SPEC s. 3."""
+  config.model.depth = 101
+  config.model.num_classes = num_classes
+  config.data.source = domain(source)
+  config.data.target = domain("cityscapes", split="train",
+                              require_labels=False)
+  config.data.eval = domain("cityscapes", split="val")
+  config.init_allow_missing = "classifier"
+  epoch = updates_per_epoch(2975, config.train.batch_size,
+                            config.train.grad_accum_steps)
+  config.train.num_steps = train_epochs * epoch
+  config.optim.schedule_steps = horizon_epochs * epoch
+  # The release's effective Lovasz weight, 0.75 summed over its
+  # micro-batches (SPEC.md section 2).
+  config.loss.lovasz_weight = 0.75 * config.train.grad_accum_steps
+
+
 def updates_per_epoch(target_images, batch_size, grad_accum_steps):
   """SPEC.md section 3: ceil(|target train| / global batch / accumulation)."""
   return -(-target_images // (batch_size * grad_accum_steps))

@@ -24,19 +24,10 @@ def get_config():
   config.model.depth = 18
   config.model.width = 16
   config.model.num_classes = 16
-  config.data.source = default.domain("synthetic", synthetic_domain="source",
-                                      num_images=2000)
-  config.data.target = default.domain("synthetic", synthetic_domain="target",
-                                      num_images=2000, require_labels=False)
-  # Held-out target scenes (the "val" split) for evaluation.
-  config.data.eval = default.domain("synthetic", "", "val",
-                                    synthetic_domain="target",
-                                    num_images=100)
-  config.data.synthetic_height, config.data.synthetic_width = 128, 256
+  default.use_synthetic_domains(config, num_train=2000, num_eval=100,
+                                height=128, width=256)
   config.data.resize_min, config.data.resize_max = 112, 144
   config.data.crop_size = (96, 160)
-  config.data.eval_image_size = (128, 256)
-  config.data.eval_label_size = (128, 256)
   config.train.batch_size = 4
   config.train.grad_accum_steps = 1
   config.train.num_steps = 600

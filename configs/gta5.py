@@ -16,16 +16,6 @@ from configs import default
 def get_config():
   """GTA5 -> Cityscapes config."""
   config = default.get_config()
-  config.model.depth = 101
-  config.model.num_classes = 19
-  config.data.source = default.domain("gta5")
-  config.data.target = default.domain("cityscapes", split="train",
-                                      require_labels=False)
-  config.data.eval = default.domain("cityscapes", split="val")
-  config.init_allow_missing = "classifier"
-  epoch = default.updates_per_epoch(2975, config.train.batch_size,
-                                    config.train.grad_accum_steps)
-  config.train.num_steps = 28 * epoch
-  config.optim.schedule_steps = 30 * epoch
-  config.loss.lovasz_weight = 0.75 * config.train.grad_accum_steps
+  default.use_paper_setting(config, "gta5", num_classes=19,
+                            train_epochs=28, horizon_epochs=30)
   return config

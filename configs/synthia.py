@@ -21,17 +21,7 @@ from configs import default
 def get_config():
   """SYNTHIA -> Cityscapes config."""
   config = default.get_config()
-  config.model.depth = 101
-  config.model.num_classes = 16
-  config.data.source = default.domain("synthia")
-  config.data.target = default.domain("cityscapes", split="train",
-                                      require_labels=False)
-  config.data.eval = default.domain("cityscapes", split="val")
-  config.init_allow_missing = "classifier"
-  epoch = default.updates_per_epoch(2975, config.train.batch_size,
-                                    config.train.grad_accum_steps)
-  config.train.num_steps = 8 * epoch
-  config.optim.schedule_steps = 10 * epoch
+  default.use_paper_setting(config, "synthia", num_classes=16,
+                            train_epochs=8, horizon_epochs=10)
   config.optim.head_lr_mult = 1.0
-  config.loss.lovasz_weight = 0.75 * config.train.grad_accum_steps
   return config

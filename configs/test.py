@@ -11,18 +11,10 @@ def get_config():
   config = default.get_config()
   config.model.depth = 18
   config.model.width = 4
-  config.data.source = default.domain("synthetic", synthetic_domain="source",
-                                      num_images=8)
-  config.data.target = default.domain("synthetic", synthetic_domain="target",
-                                      num_images=8, require_labels=False)
-  config.data.eval = default.domain("synthetic", "", "val",
-                                    synthetic_domain="target",
-                                    num_images=3)
-  config.data.synthetic_height, config.data.synthetic_width = 32, 48
+  default.use_synthetic_domains(config, num_train=8, num_eval=3, height=32,
+                                width=48)
   config.data.resize_min, config.data.resize_max = 32, 40
   config.data.crop_size = (32, 32)
-  config.data.eval_image_size = (32, 48)
-  config.data.eval_label_size = (32, 48)
   config.train.batch_size = 2
   config.train.grad_accum_steps = 2
   config.train.num_steps = 4
