@@ -14,11 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from configs import default as default_config
 from configs import test as test_config
 from plca_jax import checkpointing
 from plca_jax import evaluate
 from plca_jax import train
 from plca_jax import writers
+from tests import fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,6 +127,32 @@ class TrainAndEvaluateTest(absltest.TestCase):
     config.eval.aggregate = False
     plain = evaluate.evaluate_checkpoint(config, workdir)
     self.assertNotEqual(scores["pixel_accuracy"], plain["pixel_accuracy"])
+
+  def test_on_disk_synthia_to_cityscapes(self):
+    root = self.create_tempdir().full_path
+    rng = np.random.default_rng(0)
+    fixtures.make_synthia(os.path.join(root, "SYNTHIA"), None, rng, count=4,
+                          size=(40, 64))
+    cityscapes = os.path.join(root, "cityscapes")
+    fixtures.make_cityscapes(cityscapes, "train", np.zeros((4, 40, 80)), rng,
+                             with_labels=False)
+    val_ids = rng.integers(0, 34, (3, 40, 80))
+    fixtures.make_cityscapes(cityscapes, "val", val_ids, rng)
+    config = test_config.get_config()
+    config.data.source = default_config.domain(
+        "synthia", root=os.path.join(root, "SYNTHIA"))
+    config.data.target = default_config.domain(
+        "cityscapes", root=cityscapes, require_labels=False)
+    config.data.eval = default_config.domain("cityscapes", root=cityscapes,
+                                             split="val")
+    config.data.eval_image_size = (24, 48)
+    config.data.eval_label_size = (40, 80)
+    config.train.num_steps = 2
+    workdir = self.create_tempdir().full_path
+    train.train_and_evaluate(config, workdir)
+    records = writers.read_metrics(workdir)
+    self.assertTrue(np.isfinite(records[-1]["eval/miou"]))
+    self.assertEqual([r["step"] for r in records if "train/loss" in r], [2])
 
   def test_non_finite_loss_stops_and_keeps_last_checkpoint(self):
     workdir = self.create_tempdir().full_path
