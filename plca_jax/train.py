@@ -179,11 +179,18 @@ def next_update_batch(iterator, steps):
 
 
 class _Preemption:
-  """Turns SIGTERM (Cloud TPU preemption) into a flag the loop checks."""
+  """Turns SIGTERM (Cloud TPU preemption) into a flag the loop checks.
 
-  def __init__(self):
+  Single-process runs only: after `jax.distributed.initialize`, JAX's own
+  preemption notifier handles SIGTERM and orbax's `reached_preemption`
+  brings every process to the same step; a Python handler would replace it.
+  """
+
+  def __init__(self, install=True):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._previous = None
+    if install:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del frame
@@ -191,7 +198,8 @@ class _Preemption:
     self.requested = True
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _hparams(config):
@@ -264,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       every_steps=config.train.log_every)
   if process_index == 0:
     hooks.append(report)
-  preemption = _Preemption()
+  preemption = _Preemption(install=process_count == 1)
 
   # The loop.
   collection, skipped = None, 0
