@@ -13,23 +13,32 @@ missing, unexpected or mis-shaped leaves, unless `allow_missing` (a regex
 over "/"-joined paths) names leaves that may keep their initial values.
 """
 
-import os
 import re
 
 from absl import logging
+from etils import epath
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 
+def workdir_path(workdir):
+  """epath of a workdir: local paths made absolute, gs:// etc. kept.
+
+  Multi-host runs need a workdir every host sees (e.g. a GCS bucket) for
+  the checkpoints.
+  """
+  path = epath.Path(workdir)
+  return path if "://" in str(workdir) else path.absolute()
+
+
 def create_manager(workdir, keep=3):
   """CheckpointManager over WORKDIR/checkpoints with state and data items."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
-      item_names=("state", "data"))
+  return ocp.CheckpointManager(workdir_path(workdir) / "checkpoints",
+                               options=options, item_names=("state", "data"))
 
 
 def save(manager, step, state, data_iterator):
@@ -58,10 +67,10 @@ def _flat(tree):
 
 def _read_variables(path):
   """{"params", "batch_stats"} as NumPy from a workdir or a checkpoint dir."""
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f"init_from={path!r} does not exist")
-  checkpoints = os.path.join(path, "checkpoints")
-  if os.path.isdir(checkpoints):
+  checkpoints = workdir_path(path) / "checkpoints"
+  if checkpoints.is_dir():
     manager = ocp.CheckpointManager(checkpoints, item_names=("state",))
     step = manager.latest_step()
     if step is None:
@@ -71,7 +80,7 @@ def _read_variables(path):
         state=ocp.args.StandardRestore()))["state"]
     logging.info("init_from: %s step %d", checkpoints, step)
     return {"params": state["params"], "batch_stats": state["batch_stats"]}
-  restored = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+  restored = ocp.StandardCheckpointer().restore(workdir_path(path))
   if not isinstance(restored, dict) or "params" not in restored:
     raise ValueError(f"init_from={path!r} holds no 'params' tree; expected a "
                      "plca_jax workdir or a directory written by "

@@ -10,6 +10,7 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 from ml_collections import config_flags
 
@@ -19,7 +20,8 @@ from plca_jax import train
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (get_config).",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here.")
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here "
+                    "(a local path, or gs://... for multi-host runs).")
 flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train",
                                              "eval"], "What to run.")
 flags.DEFINE_string("coordinator_address", None,
@@ -54,9 +56,9 @@ def main(argv):
                jax.process_count(), jax.local_devices())
   logging.info("Config:\n%s", config)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(config.to_json_best_effort(indent=2))
   if FLAGS.mode == "eval":
     evaluate.evaluate_checkpoint(config, workdir)
   else:

@@ -7,10 +7,10 @@ results without TensorBoard. Only process 0 writes (others just log).
 
 import json
 import math
-import os
 
 from clu import metric_writers
 from clu.metric_writers import interface
+from etils import epath
 
 
 class JsonlWriter(interface.MetricWriter):
@@ -18,7 +18,9 @@ class JsonlWriter(interface.MetricWriter):
 
   def __init__(self, path):
     self.path = path
-    self._file = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    # epath: local files, or gs:// through TensorFlow's filesystem (which
+    # implements append on GCS by rewriting the object).
+    self._file = epath.Path(path).open("a")
 
   def write_scalars(self, step, scalars):
     record = {"step": int(step)}
@@ -61,13 +63,13 @@ def create_writer(workdir, process_index=0):
   """TensorBoard events + console (+ metrics.jsonl) on process 0."""
   if process_index > 0:
     return metric_writers.create_default_writer(workdir, just_logging=True)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   default = metric_writers.create_default_writer(workdir, asynchronous=False)
   return metric_writers.MultiWriter(
-      [default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+      [default, JsonlWriter(epath.Path(workdir) / "metrics.jsonl")])
 
 
 def read_metrics(workdir):
   """All records of WORKDIR/metrics.jsonl, in order."""
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = (epath.Path(workdir) / "metrics.jsonl").read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
