@@ -15,6 +15,8 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 JAX_VERSION="$(sed -n 's/^jax==//p' "${REPO}/requirements.txt")"
+# shellcheck source=launch/common.sh
+source "${REPO}/launch/common.sh"
 
 dry_run=0
 command=""
@@ -22,23 +24,6 @@ cuda=12
 config=""
 workdir=""
 extra=()
-
-die() { echo "gpu.sh: $*" >&2; exit 2; }
-
-run() {
-  local out="" arg
-  for arg in "$@"; do
-    if [[ "${arg}" =~ ^[A-Za-z0-9_@%+=:,./~-]+$ ]]; then
-      out+="${arg} "
-    else
-      out+="'${arg//\'/\'\\\'\'}' "
-    fi
-  done
-  echo "${out% }"
-  if [[ "${dry_run}" -eq 0 ]]; then
-    "$@"
-  fi
-}
 
 while [[ $# -gt 0 ]]; do
   case "$1" in

@@ -23,6 +23,8 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 JAX_VERSION="$(sed -n 's/^jax==//p' "${REPO}/requirements.txt")"
+# shellcheck source=launch/common.sh
+source "${REPO}/launch/common.sh"
 
 dry_run=0
 command=""
@@ -36,25 +38,6 @@ data_from=""
 config=""
 workdir=""
 extra=()
-
-die() { echo "tpu_vm.sh: $*" >&2; exit 2; }
-
-# Prints a command with shell quoting a reader can paste, then runs it
-# unless --dry-run.
-run() {
-  local out="" arg
-  for arg in "$@"; do
-    if [[ "${arg}" =~ ^[A-Za-z0-9_@%+=:,./~-]+$ ]]; then
-      out+="${arg} "
-    else
-      out+="'${arg//\'/\'\\\'\'}' "
-    fi
-  done
-  echo "${out% }"
-  if [[ "${dry_run}" -eq 0 ]]; then
-    "$@"
-  fi
-}
 
 while [[ $# -gt 0 ]]; do
   case "$1" in

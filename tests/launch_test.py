@@ -9,7 +9,7 @@ import subprocess
 from absl.testing import absltest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("launch/tpu_vm.sh", "launch/gpu.sh")
+SCRIPTS = ("launch/tpu_vm.sh", "launch/gpu.sh", "launch/common.sh")
 REPO_PLACEHOLDER = "/path/to/plca_jax"
 
 
@@ -33,7 +33,7 @@ class LaunchTest(absltest.TestCase):
   def test_shellcheck(self):
     self.assertIsNotNone(shutil.which("shellcheck"),
                          "shellcheck is needed (apt-get install shellcheck)")
-    proc = subprocess.run(["shellcheck", *SCRIPTS], cwd=REPO,
+    proc = subprocess.run(["shellcheck", "-x", *SCRIPTS], cwd=REPO,
                           capture_output=True, text=True, check=False)
     self.assertEqual(proc.returncode, 0, proc.stdout)
 
