@@ -1,6 +1,8 @@
 """Tests of plca_jax.convert on PyTorch models built in tests/torch_models."""
 
 import os
+import sys
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -92,6 +94,11 @@ class ConvertTest(parameterized.TestCase):
     with torch.no_grad():
       theirs = net(torch.from_numpy(np.moveaxis(self.x, -1, 1)))
     self.assertLess(_relative_error(ours, _nhwc(theirs)), 1e-4)
+
+  def test_missing_torch_gives_the_install_command(self):
+    with mock.patch.dict(sys.modules, {"torch": None}):
+      with self.assertRaisesRegex(ImportError, r"plca_jax\[convert\]"):
+        convert.load_state_dict(os.path.join(self.dir, "any.pth"))
 
   def test_bad_keys_are_listed(self):
     net = torch_models.DeepLabV2(18, 16)
