@@ -74,12 +74,6 @@ class ConfusionMatrix(metrics.Metric):
   """
   matrix: jnp.ndarray
 
-  @classmethod
-  def from_model_output(cls, labels, predictions, mask, num_classes,
-                        **_):
-    return cls(matrix=confusion_matrix(labels, predictions, num_classes,
-                                       mask))
-
   def merge(self, other):
     return type(self)(matrix=np.asarray(self.matrix, np.int64) +
                       np.asarray(other.matrix, np.int64))

@@ -108,11 +108,6 @@ def create_train_state(config, model, rng, mesh):
   return jax.jit(build, out_shardings=replicated)(variables)
 
 
-def abstract_variables(config, model):
-  return jax.eval_shape(lambda r: model.init(
-      r, jnp.zeros(image_shape(config)), train=False), jax.random.key(0))
-
-
 def _micro_batch_loss(params, batch_stats, micro, *, model, config):
   images = [transforms.encode(micro[d]["image"], config.data.encoding)
             for d in ("source", "target")]

@@ -28,7 +28,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _params(workdir, config):
   """Parameters of the latest checkpoint in `workdir`, as NumPy."""
   model = train.models.get_model(config)
-  init = train.abstract_variables(config, model)
+  init = jax.eval_shape(lambda r: model.init(
+      r, jnp.zeros(train.image_shape(config)), train=False),
+                        jax.random.key(0))
   return checkpointing.load_variables(workdir, init)["params"]
 
 

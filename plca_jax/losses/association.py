@@ -43,18 +43,12 @@ def _l2_normalize(x):
   return x * jax.lax.rsqrt(jnp.maximum(sq, NORM_EPS**2))
 
 
-def _left(x, metric):
-  """(A, c) of the left operand: rows of D are A_i . B + c_i."""
+def _operands(x, metric):
+  """(A, c, B) of x: row i of D(x, y) is A_i . B_y + c_i, column j is B_j."""
   if metric == "cos":
-    return _l2_normalize(x), jnp.zeros(x.shape[:-1], x.dtype)
-  return x, -jnp.sum(x * jnp.log(x + KL_EPS), axis=-1)
-
-
-def _right(x, metric):
-  """B of the right operand."""
-  if metric == "cos":
-    return _l2_normalize(x)
-  return jnp.log(x + KL_EPS)
+    n = _l2_normalize(x)
+    return n, jnp.zeros(x.shape[:-1], x.dtype), n
+  return x, -jnp.sum(x * jnp.log(x + KL_EPS), axis=-1), jnp.log(x + KL_EPS)
 
 
 def contrast_normalize(d):
@@ -86,8 +80,7 @@ def _row_map(fn, rows, chunk_size):
 
 def _aggregate_single(x, metric, alpha, chunk_size):
   """Eq. 7-8 on one image: x <- (1 - alpha) x + alpha W x, x (L, C)."""
-  a, c = _left(x, metric)
-  b = _right(x, metric)
+  a, c, b = _operands(x, metric)
 
   def row(args):
     a_i, c_i = args
@@ -148,10 +141,8 @@ def _cycle_single(s, t, labels, metric, ignore_label, chunk_size, sim_plca):
   Returns per-source-pixel arrays: loss (Ls,), j* (Ls,), i* (Ls,),
   valid (Ls,) and selected (Ls,) booleans.
   """
-  a_s, c_s = _left(s, metric)
-  b_s = _right(s, metric)
-  a_t, c_t = _left(t, metric)
-  b_t = _right(t, metric)
+  a_s, c_s, b_s = _operands(s, metric)
+  a_t, c_t, b_t = _operands(t, metric)
 
   def row(args):
     a_i, c_i = args
