@@ -58,8 +58,17 @@ def eval_step(variables, batch, *, model, config):
   return confusion, predictions.astype(jnp.uint8)
 
 
-def evaluate(config, model, variables, mesh):
-  """Runs the whole evaluation set.
+def create_eval_step(config, model, mesh):
+  """The jitted `eval_step`; build it once per run (each build recompiles)."""
+  return jax.jit(functools.partial(eval_step, model=model, config=config),
+                 in_shardings=(sharding.replicated(mesh),
+                               sharding.batch_sharding(mesh)),
+                 out_shardings=(sharding.replicated(mesh),
+                                sharding.batch_sharding(mesh)))
+
+
+def evaluate(config, model, variables, mesh, step=None):
+  """Runs the whole evaluation set (`step` from `create_eval_step`, or new).
 
   Returns:
     (scores dict from `metrics.segmentation_scores`, list of up to
@@ -69,11 +78,7 @@ def evaluate(config, model, variables, mesh):
   it, total = input_pipeline.create_eval_iterator(
       config, jax.process_index(), jax.process_count())
   sharding.check_batch_divides(config.eval.batch_size, mesh)
-  step = jax.jit(functools.partial(eval_step, model=model, config=config),
-                 in_shardings=(sharding.replicated(mesh),
-                               sharding.batch_sharding(mesh)),
-                 out_shardings=(sharding.replicated(mesh),
-                                sharding.batch_sharding(mesh)))
+  step = step or create_eval_step(config, model, mesh)
   confusion = metrics_lib.ConfusionMatrix(
       matrix=np.zeros((config.model.num_classes,) * 2, np.int64))
   samples = []
@@ -105,9 +110,10 @@ def format_table(scores, num_classes):
   return "\n".join(lines)
 
 
-def evaluate_and_write(config, model, variables, mesh, writer, step):
+def evaluate_and_write(config, model, variables, mesh, writer, step,
+                       eval_step_fn=None):
   """Evaluates `variables` and writes scalars (eval/...) and image rows."""
-  scores, samples = evaluate(config, model, variables, mesh)
+  scores, samples = evaluate(config, model, variables, mesh, eval_step_fn)
   logging.info("Evaluation at step %d:\n%s", step,
                format_table(scores, config.model.num_classes))
   writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})

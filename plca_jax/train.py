@@ -259,6 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       functools.partial(train_step, model=model, config=config),
       in_shardings=(state_sharding, sharding.batch_sharding(mesh, 1)),
       out_shardings=(state_sharding, state_sharding), donate_argnums=(0,))
+  eval_step_fn = evaluate.create_eval_step(config, model, mesh)
   lr_fn = create_learning_rate_fn(config)
   num_steps = config.train.num_steps
   hooks = []
@@ -304,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           evaluate.evaluate_and_write(
               config, model, {"params": state.params,
                               "batch_stats": state.batch_stats},
-              mesh, writer, step)
+              mesh, writer, step, eval_step_fn)
   finally:
     preemption.restore()
     manager.wait_until_finished()
