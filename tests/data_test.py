@@ -66,6 +66,12 @@ class SourcesTest(parameterized.TestCase):
     self.root = self.create_tempdir().full_path
     self.rng = np.random.default_rng(0)
 
+  def test_sources_are_exported_from_plca_jax_data(self):
+    import plca_jax.data  # pylint: disable=g-import-not-at-top
+    self.assertIs(plca_jax.data.Synthia, synthia.Synthia)
+    self.assertIs(plca_jax.data.Cityscapes, cityscapes.Cityscapes)
+    self.assertIs(plca_jax.data.GTA5, gta5.GTA5)
+
   def test_synthia_16bit_labels_map_pixel_by_pixel(self):
     ids = np.arange(0, 24 * 2).reshape(2, 4, 6) % 24
     ids[1, 0, 0] = 300  # 16-bit value: not a class
