@@ -35,7 +35,12 @@ def _max_rel_diff(a, b):
 
 
 def one_update(config, state, batch, devices):
-  """(params, batch_stats, scalars, all-gather shapes of the compiled step)."""
+  """(params, batch_stats, scalars, compiled-step HLO facts).
+
+  The facts: the shapes of all all-gathers, and the largest window of any
+  reduce-window (a cumsum over a sharded axis becomes a reduce-window over
+  the whole global axis: quadratic work, see losses.segmentation).
+  """
   mesh = sharding.create_mesh(devices)
   model = models.get_model(config)
   state = jax.device_put(state, sharding.replicated(mesh))
@@ -46,9 +51,13 @@ def one_update(config, state, batch, devices):
   batch = sharding.to_global(batch, mesh, 1)
   hlo = step.lower(state, batch).compile().as_text()
   gathers = re.findall(r"= (\w+\[[\d,]*\])\S* all-gather\(", hlo)
+  windows = [int(np.prod([int(d) for d in w.split("x")]))
+             for w in re.findall(r"reduce-window\(.*?window=\{size=([\dx]+)",
+                                 hlo)]
   new_state, scalars = step(state, batch)
   return jax.device_get((new_state.params, new_state.batch_stats,
-                         scalars)) + (gathers,)
+                         scalars)) + ({"all_gathers": gathers,
+                                       "max_window": max(windows, default=0)},)
 
 
 def main():
@@ -62,7 +71,7 @@ def main():
   batch, _ = train.next_update_batch(
       input_pipeline.create_train_iterator(config), 2)
   p1, s1, m1, _ = one_update(config, state, batch, jax.devices()[:1])
-  p8, s8, m8, gathers = one_update(config, state, batch, jax.devices())
+  p8, s8, m8, hlo = one_update(config, state, batch, jax.devices())
   bf16 = config.copy_and_resolve_references()
   bf16.train.compute_dtype = "bfloat16"
   pb, _, mb, _ = one_update(bf16, state, batch, jax.devices()[:1])
@@ -77,7 +86,8 @@ def main():
       "bf16_finite": bool(all(np.all(np.isfinite(np.asarray(x, np.float32)))
                               for x in jax.tree.leaves(pb))),
       "bf16_param_dtype": str(jax.tree.leaves(pb)[0].dtype),
-      "all_gathers": gathers,
+      "all_gathers": hlo["all_gathers"],
+      "max_reduce_window": hlo["max_window"],
       "lovasz_shape": "f32[%d,%d]" % (
           config.train.batch_size * int(np.prod(config.data.crop_size)),
           config.model.num_classes),

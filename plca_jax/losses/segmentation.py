@@ -67,11 +67,24 @@ def cross_entropy(logits, labels, ignore_label=255):
   return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
+def _prefix_sum(x):
+  """Cumulative sum over axis 0 as a parallel (associative) scan.
+
+  Not `jnp.cumsum`: it lowers to a reduce-window whose window is the whole
+  axis. On one device XLA rewrites that into a scan, but when the axis is
+  sharded (the Lovasz runs over the global batch, sharded on `data`) the
+  SPMD partitioner keeps the full-length window: O(P^2) work, which made
+  the demo update on 2 CPU devices 360x slower (54.9 s vs 0.15 s). The
+  operands here are 0/1 indicators, so both forms are exact in float32.
+  """
+  return jax.lax.associative_scan(jnp.add, x, axis=0)
+
+
 def _lovasz_grad(gt_sorted):
   """Gradient of the Lovasz extension of the Jaccard loss, (P, M) columns."""
   gts = jnp.sum(gt_sorted, axis=0, keepdims=True)
-  intersection = gts - jnp.cumsum(gt_sorted, axis=0)
-  union = gts + jnp.cumsum(1.0 - gt_sorted, axis=0)
+  intersection = gts - _prefix_sum(gt_sorted)
+  union = gts + _prefix_sum(1.0 - gt_sorted)
   jaccard = 1.0 - intersection / union
   return jnp.concatenate([jaccard[:1], jaccard[1:] - jaccard[:-1]], axis=0)
 
