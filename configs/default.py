@@ -97,6 +97,16 @@ def get_config():
   # grain worker processes; 0 = in-process with grain's read threads, the
   # fastest on small hosts (README, "Input pipeline").
   config.data.num_workers = 0
+  config.data.read_threads = 4  # in-process grain reader threads
+  config.data.prefetch_batches = 8  # batches read ahead
+  # Source/target pairing (plca_jax/data/pairing.py): "random" (the
+  # release) or "class_overlap": the best of pairing_candidates source
+  # images by classes shared with the target's predicted ("pseudo") or,
+  # for analysis on synthetic data, labelled ("labels") class set.
+  config.data.pairing = "random"
+  config.data.pairing_candidates = 4
+  config.data.pairing_target_classes = "pseudo"
+  config.data.pairing_min_share = 0.01  # of the output grid, for "pseudo"
   config.data.on_error = "raise"  # or "skip" unreadable files (counted)
   config.data.synthetic_height = 128
   config.data.synthetic_width = 256

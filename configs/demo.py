@@ -38,4 +38,7 @@ def get_config():
   config.optim.schedule_steps = 600
   config.eval.batch_size = 10
   config.loss.chunk_size = 128
+  # Target labels are loaded for the association statistics only
+  # ("train/*_correct"): no loss reads them (tests/segmentation_losses_test).
+  config.data.target.require_labels = True
   return config

@@ -118,8 +118,29 @@ def _micro_batch_loss(params, batch_stats, micro, *, model, config):
       {"params": params, "batch_stats": updates["batch_stats"]}, images[1],
       train=True, mutable=["batch_stats"])
   labels = micro["source"]["label"].astype(jnp.int32)
-  total, terms = losses.total_loss(config, out_s, out_t, labels)
+  # Target labels, when the config loads them (synthetic data, analysis),
+  # feed only the "*_correct" association statistics, never a loss.
+  target_labels = (micro["target"]["label"].astype(jnp.int32)
+                   if config.data.target.require_labels else None)
+  total, terms = losses.total_loss(config, out_s, out_t, labels,
+                                   target_labels)
+  if _pseudo_pairing(config):
+    terms["target_classes"] = jax.lax.stop_gradient(predicted_class_sets(
+        out_t["logits"], config.data.pairing_min_share))
   return total, (terms, updates["batch_stats"])
+
+
+def _pseudo_pairing(config):
+  return (config.data.pairing == "class_overlap" and
+          config.data.pairing_target_classes == "pseudo")
+
+
+def predicted_class_sets(logits, min_share):
+  """(N, M) bool: the classes predicted on >= `min_share` of each grid."""
+  pred = jnp.argmax(logits, axis=-1).reshape(logits.shape[0], -1)
+  share = jnp.mean(jax.nn.one_hot(pred, logits.shape[-1], dtype=jnp.float32),
+                   axis=1)
+  return share >= min_share
 
 
 def train_step(state, batch, *, model, config):
@@ -131,7 +152,9 @@ def train_step(state, batch, *, model, config):
       W)}, "target": {"image": ...}} with B the global batch.
 
   Returns:
-    (new state, dict of scalar metrics averaged over the micro-batches).
+    (new state, dict of scalar metrics averaged over the micro-batches;
+    with class-overlap pairing on pseudo-labels also "target_classes", the
+    (K, B, M) predicted class sets of the target images).
   """
   grad_fn = jax.value_and_grad(
       functools.partial(_micro_batch_loss, model=model, config=config),
@@ -152,8 +175,11 @@ def train_step(state, batch, *, model, config):
     terms.append({"loss": loss, **micro_terms})
   grads = jax.tree.map(lambda g: g / k, grads)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  classes = [t.pop("target_classes") for t in terms if "target_classes" in t]
   scalars = jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *terms)
   scalars["grad_norm"] = optax.tree.norm(grads)
+  if classes:  # (K, B, M): for the host's class-overlap pairing table
+    scalars["target_classes"] = jnp.stack(classes)
   return new_state, scalars
 
 
@@ -163,13 +189,20 @@ def is_finite(state):
 
 
 def next_update_batch(iterator, steps):
-  """Stacks `steps` micro-batches: leaves (K, B_local, ...); names dropped."""
+  """Stacks `steps` micro-batches: leaves (K, B_local, ...); names dropped.
+
+  With class-overlap pairing the result also has "pairing" (host-side
+  statistics of the choice; not an input of the train step).
+  """
   micro = [next(iterator) for _ in range(steps)]
   skipped = sum(int(np.sum(m[d]["skipped"])) for m in micro
                 for d in ("source", "target"))
   stacked = {d: {key: np.stack([m[d][key] for m in micro])
                  for key in ("image", "label")}
              for d in ("source", "target")}
+  if "pairing" in micro[0]:  # class-overlap pairing: host-side statistics
+    stacked["pairing"] = {key: np.stack([m["pairing"][key] for m in micro])
+                          for key in micro[0]["pairing"]}
   return stacked, skipped
 
 
@@ -195,6 +228,25 @@ class _Preemption:
   def restore(self):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def _observe_pairing(train_iter, scalars, info, process_index,
+                     process_count):
+  """Feeds this process's predicted target classes back to the pairing;
+  adds the pairing statistics (means over the local batch) to `scalars`."""
+  scalars = dict(scalars)
+  classes = scalars.pop("target_classes", None)
+  if classes is not None:
+    classes = np.asarray(classes)  # (K, B_global, M), replicated
+    local = classes.shape[1] // process_count
+    classes = classes[:, process_index * local:(process_index + 1) * local]
+    train_iter.observe(classes.reshape(-1, classes.shape[-1]))
+  else:
+    train_iter.observe(np.zeros((info["shared"].size,
+                                 train_iter.num_classes), bool))
+  scalars["pairing_shared_classes"] = float(np.mean(info["shared"]))
+  scalars["pairing_known_targets"] = float(np.mean(info["known"]))
+  return scalars
 
 
 def _hparams(config):
@@ -278,8 +330,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch, n_skipped = next_update_batch(train_iter,
                                              config.train.grad_accum_steps)
+        pairing_info = batch.pop("pairing", None)
         state, scalars = step_fn(state, sharding.to_global(batch, mesh, 1))
       skipped += n_skipped
+      if pairing_info is not None:
+        scalars = _observe_pairing(train_iter, scalars, pairing_info,
+                                   process_index, process_count)
       if collection is None:
         collection_cls = metrics_lib.train_collection(sorted(scalars))
       update = collection_cls.single_from_model_output(**scalars)

@@ -211,6 +211,24 @@ class StatisticsTest(absltest.TestCase):
     stats = losses.association_statistics(out, size)
     self.assertAlmostEqual(float(stats["consistent"]), 1.0)
     self.assertAlmostEqual(float(stats["reached"]), 5 / 6)  # pixel 5 ignored
+    self.assertNotIn("correct", stats)
+    # Target labels: j*(i) carries the class of i except at the target
+    # pixel source pixel 2 (class 1) lands on, which says 2, and the one
+    # source pixel 3 (class 2) lands on, which is unlabelled.
+    j = np.argsort(perm)
+    t_labels = np.full((1, size), 255)
+    t_labels[0, j[:5]] = y.reshape(-1)[:5]
+    t_labels[0, j[2]] = 2
+    t_labels[0, j[3]] = 255
+    stats = losses.association_statistics(out, size, t_labels)
+    # Consistent and j* labelled: source pixels 0, 1, 2, 4; right: 0, 1, 4.
+    self.assertAlmostEqual(float(stats["correct"]), 3 / 4)
+    confusion = losses.association_confusion(out, t_labels, 3)
+    expected = np.zeros((3, 3), np.int64)
+    expected[0, 0] = 2  # pixels 0 and 4
+    expected[1, 1] = 1  # pixel 1
+    expected[1, 2] = 1  # pixel 2
+    np.testing.assert_array_equal(confusion, expected)
 
   def test_everything_lands_on_one_target_pixel(self):
     s = np.ones((1, 2, 2, 3), np.float32)

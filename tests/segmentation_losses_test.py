@@ -177,6 +177,31 @@ class ObjectiveTest(parameterized.TestCase):
                 "cass_reached"):
       self.assertBetween(float(terms[key]), 0.0, 1.0)
 
+  def test_target_labels_feed_statistics_only(self):
+    src, tgt, labels = self._inputs()
+    src, tgt = (jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), o)
+                for o in (src, tgt))
+    rng = np.random.default_rng(3)
+    t_labels = [rng.integers(0, 4, size=labels.shape) for _ in range(2)]
+
+    def total(tgt_features, t_labels):
+      out = dict(tgt, features=tgt_features)
+      return losses.plca_objective(src, out, labels, target_labels=t_labels)
+
+    grad_fn = jax.value_and_grad(total, has_aux=True)
+    (loss0, terms0), grad0 = grad_fn(tgt["features"], None)
+    results = [grad_fn(tgt["features"], t) for t in t_labels]
+    self.assertNotIn("fass_correct", terms0)
+    for (loss, terms), grad in results:
+      self.assertEqual(float(loss), float(loss0))
+      np.testing.assert_array_equal(grad, grad0)
+      for name in ("fass", "cass"):
+        self.assertBetween(float(terms[f"{name}_correct"]), 0.0, 1.0)
+    # Different labels, different statistics: the labels are really read.
+    self.assertNotEqual(
+        [float(results[0][0][1][f"{n}_correct"]) for n in ("fass", "cass")],
+        [float(results[1][0][1][f"{n}_correct"]) for n in ("fass", "cass")])
+
   @parameterized.named_parameters(
       ("source_only", dict(use_lovasz=False, use_fass=False, use_cass=False,
                            use_lsr=False), {"ce"}),
@@ -192,7 +217,7 @@ class ObjectiveTest(parameterized.TestCase):
                 for o in (src, tgt))
     total, terms = losses.plca_objective(src, tgt, labels, **switches)
     loss_keys = {k for k in terms if not k.endswith(("_consistent",
-                                                     "_reached"))}
+                                                     "_reached", "_correct"))}
     self.assertEqual(loss_keys, expected_losses)
     weights = {"ce": 1.0, "lovasz": 1.5, "fass": 0.1, "cass": 0.1,
                "lsr_source": 0.01, "lsr_target": 0.01}

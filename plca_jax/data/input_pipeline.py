@@ -26,6 +26,7 @@ import grain
 import numpy as np
 
 from plca_jax.data import labels as labels_lib
+from plca_jax.data import pairing as pairing_lib
 from plca_jax.data import synthetic
 from plca_jax.data import transforms
 from plca_jax.data.sources import cityscapes
@@ -75,11 +76,28 @@ def local_batch_size(global_batch_size, process_count):
   return global_batch_size // process_count
 
 
+class _WithIndex:
+  """Adds "index", the element's position in its data source.
+
+  (grain hands `map_with_index` the index seen by the outermost dataset,
+  which counts on past the end after `repeat`; hence the modulo.)
+  """
+
+  def __init__(self, size):
+    self.size = size
+
+  def __call__(self, index, element):
+    return {**element, "index": np.int64(index % self.size)}
+
+
 def train_stream(source, data_config, seed, process_index=0,
                  process_count=1):
-  """One domain's infinite stream of augmented uint8 elements."""
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.seed(seed).shuffle().repeat()
+  """One domain's infinite stream of augmented uint8 elements.
+
+  Each element carries "index", its position in `source`.
+  """
+  ds = grain.MapDataset.source(source).map_with_index(_WithIndex(len(source)))
+  ds = ds[process_index::process_count].seed(seed).shuffle().repeat()
   ds = ds.random_map(transforms.RandomResizeShorter(data_config.resize_min,
                                                     data_config.resize_max))
   if data_config.flip_prob > 0:
@@ -91,26 +109,69 @@ def _paired(pair):
   return {"source": pair[0], "target": pair[1]}
 
 
+def _read_options(data_config):
+  # grain's default in-process read-ahead is 500 elements (here: batches),
+  # which at 730x730 would hold ~13 GB of images; a few batches keep the
+  # device fed.
+  return grain.ReadOptions(num_threads=data_config.read_threads,
+                           prefetch_buffer_size=data_config.prefetch_batches)
+
+
 def create_train_iterator(config, process_index=0, process_count=1):
   """Iterator of paired batches {"source": batch, "target": batch}.
 
   Each process gets `config.train.batch_size / process_count` images per
-  domain per batch, from its own shard of each dataset.
+  domain per batch, from its own shard of each dataset. With
+  `config.data.pairing = "class_overlap"` the iterator is a
+  `pairing.OverlapPairingIterator` (batches also carry "pairing"; call its
+  `observe` after each update).
   """
+  data = config.data
+  if data.pairing not in pairing_lib.PAIRINGS:
+    raise ValueError(f"config.data.pairing={data.pairing!r}; expected one "
+                     f"of {pairing_lib.PAIRINGS}")
   num_classes = config.model.num_classes
   batch = local_batch_size(config.train.batch_size, process_count)
-  streams = []
-  for k, domain in enumerate((config.data.source, config.data.target)):
-    source = create_source(domain, config.data, num_classes)
+  sources, streams = [], []
+  for k, domain in enumerate((data.source, data.target)):
+    sources.append(create_source(domain, data, num_classes))
     # Distinct seeds: the two streams are independent random orders.
-    streams.append(train_stream(source, config.data, config.seed * 2 + k,
+    streams.append(train_stream(sources[-1], data, config.seed * 2 + k,
                                 process_index, process_count))
-  ds = grain.experimental.ZipMapDataset(streams).map(_paired)
-  ds = ds.batch(batch, drop_remainder=True).to_iter_dataset()
-  if config.data.num_workers > 0:
+  if data.pairing == "random":
+    ds = grain.experimental.ZipMapDataset(streams).map(_paired)
+  else:
+    k = data.pairing_candidates
+    if k < 1:
+      raise ValueError(f"config.data.pairing_candidates={k}; expected >= 1")
+    # Target element e goes with source elements e*K .. e*K+K-1.
+    candidates = streams[0].batch(k)
+    ds = grain.experimental.ZipMapDataset(
+        [streams[1][:len(candidates)], candidates]).map(_with_candidates)
+  ds = ds.batch(batch, drop_remainder=True).to_iter_dataset(
+      _read_options(data))
+  if data.num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=config.data.num_workers))
-  return iter(ds)
+        num_workers=data.num_workers))
+  iterator = iter(ds)
+  if data.pairing == "random":
+    return iterator
+  source_sets = pairing_lib.class_sets(
+      sources[0], num_classes,
+      range(process_index, len(sources[0]), process_count))
+  target_table = None
+  if data.pairing_target_classes == "labels":
+    if not data.target.require_labels:
+      raise ValueError("config.data.pairing_target_classes='labels' needs "
+                       "config.data.target.require_labels=True")
+    target_table = pairing_lib.class_sets(sources[1], num_classes)
+  return pairing_lib.OverlapPairingIterator(
+      iterator, source_sets, len(sources[1]),
+      mode=data.pairing_target_classes, target_table=target_table)
+
+
+def _with_candidates(pair):
+  return {"target": pair[0], "candidates": pair[1]}
 
 
 class _EvalElement(grain.transforms.Map):

@@ -207,6 +207,10 @@ class SyntheticDomain:
             f"num_images={self.num_images}, size={self.height}x{self.width}, "
             f"num_classes={self.num_classes}, seed={self.seed})")
 
+  def label(self, index):
+    """The label map of item `index` (IGNORE without labels)."""
+    return self[index]["label"]
+
   def __getitem__(self, index):
     index = int(index)
     if not 0 <= index < self.num_images:

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 
+from plca_jax.losses.association import association_confusion
 from plca_jax.losses.association import association_loss
 from plca_jax.losses.association import association_statistics
 from plca_jax.losses.association import at_least_f32
@@ -17,7 +18,7 @@ from plca_jax.losses.segmentation import lsr_loss
 from plca_jax.losses.segmentation import upsample_bilinear
 
 __all__ = [
-    "association_loss", "association_statistics", "contrast_normalize",
+    "association_confusion", "association_loss", "association_statistics", "contrast_normalize",
     "cross_entropy", "cycle_association", "downsample_labels",
     "lovasz_softmax", "lsr_loss", "plca_objective", "spatial_aggregate",
     "total_loss", "upsample_bilinear",
@@ -29,7 +30,7 @@ def plca_objective(source_outputs, target_outputs, source_labels, *,
                    use_lsr=True, aggregate_target=True, sim_plca=False,
                    lovasz_weight=1.5, association_weight=0.1,
                    lsr_weight=0.01, alpha=0.5, lsr_lambda=10.0,
-                   ignore_label=255, chunk_size=None):
+                   ignore_label=255, chunk_size=None, target_labels=None):
   """Total PLCA loss of one source and one target micro-batch.
 
   total = ce + lovasz_weight * lovasz + association_weight * (fass + cass)
@@ -49,12 +50,14 @@ def plca_objective(source_outputs, target_outputs, source_labels, *,
     source_labels: (N, H, W) int source labels at image resolution.
     (the rest): switches and weights as above; `chunk_size` bounds the
       similarity rows alive at once in the association.
+    target_labels: optional (N, H', W') int target labels, for the
+      "*_correct" diagnostics only: no loss term reads them (tested).
 
   Returns:
     (total, terms): scalar total, and a dict of float32 scalars with each
     enabled term ("ce", "lovasz", "fass", "cass", "lsr_source", "lsr_target")
-    plus association diagnostics ("fass_consistent", "fass_reached", ...;
-    see `association_statistics`).
+    plus association diagnostics ("fass_consistent", "fass_reached" and,
+    with target labels, "fass_correct", ...; see `association_statistics`).
   """
   logits_s = at_least_f32(source_outputs["logits"])
   logits_t = at_least_f32(target_outputs["logits"])
@@ -72,6 +75,10 @@ def plca_objective(source_outputs, target_outputs, source_labels, *,
     total += lovasz_weight * terms["lovasz"]
 
   grid_labels = downsample_labels(source_labels, logits_s.shape[1:3])
+  target_grid = None
+  if target_labels is not None:
+    target_grid = jax.lax.stop_gradient(downsample_labels(
+        target_labels, logits_t.shape[1:3])).reshape(logits_t.shape[0], -1)
   for name, enabled, metric, s, t in (
       ("fass", use_fass, "cos", source_outputs["features"],
        target_outputs["features"]),
@@ -86,7 +93,8 @@ def plca_objective(source_outputs, target_outputs, source_labels, *,
     terms[name] = masked_mean(assoc["loss"], assoc["selected"])
     total += association_weight * terms[name]
     target_size = t.shape[1] * t.shape[2]
-    for key, value in association_statistics(assoc, target_size).items():
+    for key, value in association_statistics(
+        assoc, target_size, target_grid, ignore_label).items():
       terms[f"{name}_{key}"] = jax.lax.stop_gradient(value)
 
   if use_lsr:
@@ -96,7 +104,8 @@ def plca_objective(source_outputs, target_outputs, source_labels, *,
   return total, terms
 
 
-def total_loss(config, source_outputs, target_outputs, source_labels):
+def total_loss(config, source_outputs, target_outputs, source_labels,
+               target_labels=None):
   """`plca_objective` with switches and weights from `config.loss`."""
   c = config.loss
   return plca_objective(
@@ -106,4 +115,4 @@ def total_loss(config, source_outputs, target_outputs, source_labels):
       sim_plca=c.sim_plca, lovasz_weight=c.lovasz_weight,
       association_weight=c.association_weight, lsr_weight=c.lsr_weight,
       alpha=c.alpha, lsr_lambda=c.lsr_lambda, ignore_label=c.ignore_label,
-      chunk_size=c.chunk_size)
+      chunk_size=c.chunk_size, target_labels=target_labels)

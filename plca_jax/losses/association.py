@@ -183,7 +183,8 @@ def cycle_association(source, target, source_labels, metric="cos", *,
   Returns:
     dict of (N, Hs*Ws) arrays: "loss" (per source pixel, before masking),
     "j_star", "i_star" (int32 indices into the flattened target / source
-    grids), "valid" and "selected" (bool).
+    grids), "valid" and "selected" (bool), and "source_labels" (the labels
+    given, flattened).
   """
   _check_metric(metric)
   n, hs, ws, ch = source.shape
@@ -203,7 +204,7 @@ def cycle_association(source, target, source_labels, metric="cos", *,
                          sim_plca=sim_plca)
   loss, j_star, i_star, valid, selected = jax.vmap(fn)(s, t, y)
   return dict(loss=loss, j_star=j_star, i_star=i_star, valid=valid,
-              selected=selected)
+              selected=selected, source_labels=y)
 
 
 def masked_mean(values, mask):
@@ -213,13 +214,24 @@ def masked_mean(values, mask):
   return total / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def association_statistics(assoc, target_size):
+def association_statistics(assoc, target_size, target_labels=None,
+                           ignore_label=255):
   """Diagnostics of a `cycle_association` result.
 
+  Args:
+    assoc: the dict `cycle_association` returns.
+    target_size: number of target grid pixels (Ht * Wt).
+    target_labels: optional (N, Ht * Wt) int target labels on the target
+      grid, for analysis only (they never enter a loss).
+    ignore_label: label value that counts as unlabelled.
+
   Returns:
-    dict of scalars: "consistent": share of valid source pixels whose cycle
-    returns to their class; "reached": mean over images of the share of
-    distinct target pixels that are j* of some valid source pixel.
+    dict of float32 scalars: "consistent": share of valid source pixels
+    whose cycle returns to their class; "reached": mean over images of the
+    share of distinct target pixels that are j* of some valid source pixel;
+    with target labels also "correct": share of consistent cycles, among
+    those whose j* is labelled, where the target pixel j* has the source
+    pixel's class (0 if there are none).
   """
   valid = assoc["valid"]
   consistent = (jnp.sum(assoc["selected"]) /
@@ -229,8 +241,40 @@ def association_statistics(assoc, target_size):
     hit = jnp.zeros((target_size,), jnp.bool_).at[j_star].max(v)
     return jnp.mean(hit.astype(jnp.float32))
 
-  return {"consistent": consistent.astype(jnp.float32),
-          "reached": jnp.mean(jax.vmap(reached)(assoc["j_star"], valid))}
+  stats = {"consistent": consistent.astype(jnp.float32),
+           "reached": jnp.mean(jax.vmap(reached)(assoc["j_star"], valid))}
+  if target_labels is not None:
+    hit, counted = _correct(assoc, target_labels, ignore_label)
+    stats["correct"] = (jnp.sum(hit) / jnp.maximum(jnp.sum(counted), 1)
+                        ).astype(jnp.float32)
+  return stats
+
+
+def _correct(assoc, target_labels, ignore_label):
+  """(j* has the source class, j* is labelled) per consistent cycle."""
+  if target_labels.shape != assoc["j_star"].shape[:1] + target_labels.shape[1:]:
+    raise ValueError(f"target_labels {target_labels.shape} must have the "
+                     f"batch size of the association {assoc['j_star'].shape}")
+  t_at_j = jnp.take_along_axis(target_labels, assoc["j_star"], axis=1)
+  counted = assoc["selected"] & (t_at_j != ignore_label)
+  return counted & (t_at_j == assoc["source_labels"]), counted
+
+
+def association_confusion(assoc, target_labels, num_classes,
+                          ignore_label=255):
+  """(M, M) int32 counts of consistent cycles: source class i (row) whose
+  target pixel j* has class k (column); unlabelled j* are not counted.
+
+  The diagonal over the row sums is the per-class "correct" share.
+  """
+  _, counted = _correct(assoc, target_labels, ignore_label)
+  t_at_j = jnp.take_along_axis(target_labels, assoc["j_star"], axis=1)
+  rows = jnp.where(counted, assoc["source_labels"], 0).reshape(-1)
+  cols = jnp.where(counted, t_at_j, 0).reshape(-1)
+  flat = rows * num_classes + cols
+  counts = jnp.zeros((num_classes * num_classes,), jnp.int32).at[flat].add(
+      counted.reshape(-1).astype(jnp.int32))
+  return counts.reshape(num_classes, num_classes)
 
 
 def association_loss(source, target, source_labels, metric="cos", *,

@@ -166,6 +166,15 @@ class SegmentationSource:
     return (f"{type(self).__name__}(root={self.root!r}, "
             f"num_classes={self.num_classes}, len={len(self)})")
 
+  def label(self, index):
+    """The trainId label map (H, W) of item `index`, without its image
+    (IGNORE everywhere when the item has no label file)."""
+    item = self.items[int(index)]
+    if item.label is None:
+      return np.full(read_rgb(item.image).shape[:2], labels_lib.IGNORE,
+                     np.uint8)
+    return self.lut[self.read_label(item.label)]
+
   def _read(self, index):
     item = self.items[index]
     image = read_rgb(item.image)

@@ -1,0 +1,177 @@
+"""Class-overlap pairing (plca_jax/data/pairing.py) and its training use."""
+
+import json
+
+from absl.testing import absltest
+from etils import epath
+import grain
+import numpy as np
+
+from configs import test as test_config
+from plca_jax import train
+from plca_jax import writers
+from plca_jax.data import input_pipeline
+from plca_jax.data import pairing
+
+
+def _config(target_classes="labels", candidates=3):
+  config = test_config.get_config()
+  config.data.pairing = "class_overlap"
+  config.data.pairing_candidates = candidates
+  config.data.pairing_target_classes = target_classes
+  config.data.target.require_labels = target_classes == "labels"
+  return config
+
+
+def _take(iterator, n, observe_seed=None):
+  """n batches; with observe_seed, feeds random predictions after each."""
+  rng = np.random.default_rng(observe_seed)
+  out = []
+  for _ in range(n):
+    batch = next(iterator)
+    out.append(batch)
+    if observe_seed is not None:
+      iterator.observe(rng.random((len(batch["target"]["index"]),
+                                   iterator.num_classes)) < 0.5)
+  return out
+
+
+def _assert_same(test, a, b):
+  test.assertEqual(len(a), len(b))
+  for x, y in zip(a, b):
+    for part in ("source", "target"):
+      for key in ("image", "label", "index"):
+        np.testing.assert_array_equal(x[part][key], y[part][key])
+    for key in ("shared", "candidates", "known"):
+      np.testing.assert_array_equal(x["pairing"][key], y["pairing"][key])
+
+
+class ChooseTest(absltest.TestCase):
+
+  def test_best_candidate_first_on_ties_random_when_unknown(self):
+    sets = np.array([[1, 0, 0, 1], [1, 1, 0, 1], [0, 1, 1, 1],
+                     [1, 1, 0, 1]], bool)
+    target = np.array([1, 1, 0, 0], bool)
+    pick, shared = pairing.choose(sets, target)
+    np.testing.assert_array_equal(shared, [1, 2, 1, 2])
+    self.assertEqual(pick, 1)
+    pick, _ = pairing.choose(sets, target, known=False)
+    self.assertEqual(pick, 0)
+
+  def test_class_set(self):
+    label = np.array([[0, 0, 3], [255, 3, 7]], np.uint8)
+    np.testing.assert_array_equal(
+        np.flatnonzero(pairing.class_set(label, 8)), [0, 3, 7])
+    np.testing.assert_array_equal(
+        np.flatnonzero(pairing.class_set(label, 8, min_pixels=2)), [0, 3])
+
+
+class OverlapPipelineTest(absltest.TestCase):
+
+  def test_never_worse_than_the_best_candidate_and_deterministic(self):
+    config = _config("labels")
+    source = input_pipeline.create_source(config.data.source, config.data,
+                                          config.model.num_classes)
+    target = input_pipeline.create_source(config.data.target, config.data,
+                                          config.model.num_classes)
+    m = config.model.num_classes
+    batches = _take(input_pipeline.create_train_iterator(config), 6)
+    again = _take(input_pipeline.create_train_iterator(config), 6)
+    _assert_same(self, batches, again)
+    chose_other_than_first = 0
+    for batch in batches:
+      for b, t in enumerate(batch["target"]["index"]):
+        t_set = pairing.class_set(target.label(t), m)
+        # Recomputed here from the labels, independently of the iterator.
+        shared = [int(np.sum(pairing.class_set(source.label(c), m) & t_set))
+                  for c in batch["pairing"]["candidates"][b]]
+        self.assertEqual(int(batch["pairing"]["shared"][b]), max(shared))
+        chosen = batch["source"]["index"][b]
+        self.assertIn(chosen, batch["pairing"]["candidates"][b])
+        self.assertEqual(
+            int(np.sum(pairing.class_set(source.label(chosen), m) & t_set)),
+            max(shared))
+        chose_other_than_first += int(
+            chosen != batch["pairing"]["candidates"][b][0])
+    # The choice is really made (not always the first, random, candidate).
+    self.assertGreater(chose_other_than_first, 0)
+
+  def test_pseudo_labels_update_and_resume_exactly(self):
+    config = _config("pseudo")
+    it = input_pipeline.create_train_iterator(config)
+    first = _take(it, 3, observe_seed=1)
+    self.assertFalse(first[0]["pairing"]["known"].any())  # nothing seen yet
+    state = it.get_state()
+    rest = _take(it, 6, observe_seed=2)
+    self.assertTrue(any(b["pairing"]["known"].any() for b in rest))
+
+    # Through grain's orbax handler, as checkpointing.save does.
+    directory = epath.Path(self.create_tempdir().full_path)
+    fresh = input_pipeline.create_train_iterator(config)
+    _take(fresh, 1, observe_seed=1)
+    fresh.set_state(state)
+    handler = grain.checkpoint.CheckpointHandler()
+    handler.save(directory, fresh)
+    restored = input_pipeline.create_train_iterator(config)
+    handler.restore(directory, restored)
+    _assert_same(self, _take(restored, 6, observe_seed=2), rest)
+
+    # The table matters: other predictions, other pairs.
+    other = input_pipeline.create_train_iterator(config)
+    other.set_state(state)
+    changed = _take(other, 6, observe_seed=3)
+    self.assertNotEqual(
+        [b["source"]["index"].tolist() for b in changed[1:]],
+        [b["source"]["index"].tolist() for b in rest[1:]])
+
+  def test_bad_options_are_named(self):
+    config = _config("labels")
+    config.data.target.require_labels = False
+    with self.assertRaisesRegex(ValueError, "require_labels"):
+      input_pipeline.create_train_iterator(config)
+    config = _config("pseudo", candidates=0)
+    with self.assertRaisesRegex(ValueError, "pairing_candidates=0"):
+      input_pipeline.create_train_iterator(config)
+    config = _config("pseudo")
+    config.data.pairing = "overlap"
+    with self.assertRaisesRegex(ValueError, "pairing='overlap'"):
+      input_pipeline.create_train_iterator(config)
+    it = input_pipeline.create_train_iterator(_config("pseudo"))
+    next(it)
+    with self.assertRaisesRegex(RuntimeError, "observe"):
+      it.get_state()
+    with self.assertRaisesRegex(ValueError, "expected"):
+      it.observe(np.zeros((1, 16), bool))
+
+
+class PairedTrainingTest(absltest.TestCase):
+
+  def test_train_logs_pairing_and_resumes_like_uninterrupted(self):
+    config = _config("pseudo")
+    config.train.num_steps = 4
+    reference = self.create_tempdir().full_path
+    train.train_and_evaluate(config, reference, evaluate_during_training=False)
+    workdir = self.create_tempdir().full_path
+    config.train.num_steps = 2
+    train.train_and_evaluate(config, workdir, evaluate_during_training=False)
+    config.train.num_steps = 4
+    train.train_and_evaluate(config, workdir, evaluate_during_training=False)
+
+    def losses(path):
+      return {r["step"]: (r["train/loss"], r["train/pairing_shared_classes"])
+              for r in writers.read_metrics(path) if "train/loss" in r}
+
+    ref, resumed = losses(reference), losses(workdir)
+    self.assertEqual(sorted(ref), [2, 4])
+    for step in (2, 4):
+      np.testing.assert_allclose(resumed[step], ref[step], rtol=1e-5)
+    known = [r["train/pairing_known_targets"]
+             for r in writers.read_metrics(reference)
+             if "train/pairing_known_targets" in r]
+    self.assertEqual(known[0], 0.0)  # first steps: no target seen yet
+    self.assertGreater(known[-1], 0.0)  # later: from the model's predictions
+    json.dumps(ref)  # plain floats
+
+
+if __name__ == "__main__":
+  absltest.main()
