@@ -243,7 +243,8 @@ def draw_pair(path, k, pairs, results, config, num_cycles, seed):
       counts = np.bincount(a["j_star"][k][mask], minlength=th * tw)
       heat = counts.reshape(th, tw).astype(float)
       ax.imshow(tgt.mean(axis=-1), cmap="gray", vmin=0, vmax=255)
-      ax.imshow(np.ma.masked_equal(heat, 0), cmap="magma", alpha=0.8,
+      ax.imshow(np.ma.masked_equal(heat, 0), cmap="YlOrRd", vmin=0,
+                vmax=max(heat.max(), 1), alpha=0.9,
                 extent=(-0.5, tgt.shape[1] - 0.5, tgt.shape[0] - 0.5, -0.5),
                 interpolation="nearest")
       ax.set_title(f"{name}: {names[c]} ({int(mask.sum())} px) lands on",
