@@ -18,10 +18,10 @@ from plca_jax.losses.segmentation import lsr_loss
 from plca_jax.losses.segmentation import upsample_bilinear
 
 __all__ = [
-    "association_confusion", "association_loss", "association_statistics", "contrast_normalize",
-    "cross_entropy", "cycle_association", "downsample_labels",
-    "lovasz_softmax", "lsr_loss", "plca_objective", "spatial_aggregate",
-    "total_loss", "upsample_bilinear",
+    "association_confusion", "association_loss", "association_statistics",
+    "contrast_normalize", "cross_entropy", "cycle_association",
+    "downsample_labels", "lovasz_softmax", "lsr_loss", "plca_objective",
+    "spatial_aggregate", "total_loss", "upsample_bilinear",
 ]
 
 

@@ -47,7 +47,7 @@ from plca_jax.data import transforms
 from plca_jax.data.sources import base
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 METRICS = (("fass", "cos", "features"), ("cass", "kl", "logits"))
 

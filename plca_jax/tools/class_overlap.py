@@ -27,7 +27,7 @@ from plca_jax.data import labels as labels_lib
 from plca_jax.data import pairing
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 
 def labelled_target(config, which="train"):
