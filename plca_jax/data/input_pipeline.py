@@ -69,6 +69,14 @@ def create_source(domain_config, data_config, num_classes):
   raise ValueError(f"dataset name {name!r}; expected one of {DATASETS}")
 
 
+def create_labelled_source(domain_config, data_config, num_classes):
+  """`create_source` with the labels required (analysis tools: e.g. the
+  training target, which training reads without labels)."""
+  domain = domain_config.copy_and_resolve_references()
+  domain.require_labels = True
+  return create_source(domain, data_config, num_classes)
+
+
 def local_batch_size(global_batch_size, process_count):
   if global_batch_size % process_count:
     raise ValueError(f"global batch size {global_batch_size} is not divisible"

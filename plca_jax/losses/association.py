@@ -244,20 +244,25 @@ def association_statistics(assoc, target_size, target_labels=None,
   stats = {"consistent": consistent.astype(jnp.float32),
            "reached": jnp.mean(jax.vmap(reached)(assoc["j_star"], valid))}
   if target_labels is not None:
-    hit, counted = _correct(assoc, target_labels, ignore_label)
+    hit, counted, _ = _correct(assoc, target_labels, ignore_label)
     stats["correct"] = (jnp.sum(hit) / jnp.maximum(jnp.sum(counted), 1)
                         ).astype(jnp.float32)
   return stats
 
 
 def _correct(assoc, target_labels, ignore_label):
-  """(j* has the source class, j* is labelled) per consistent cycle."""
-  if target_labels.shape != assoc["j_star"].shape[:1] + target_labels.shape[1:]:
-    raise ValueError(f"target_labels {target_labels.shape} must have the "
-                     f"batch size of the association {assoc['j_star'].shape}")
+  """Per source pixel: (j* has the source class, cycle counted, label at j*).
+
+  Counted: consistent cycles whose j* is labelled.
+  """
+  if (target_labels.ndim != 2 or
+      target_labels.shape[0] != assoc["j_star"].shape[0]):
+    raise ValueError(f"target_labels {target_labels.shape} must be (N, Ht * "
+                     f"Wt) with N = {assoc['j_star'].shape[0]}, the batch of "
+                     "the association")
   t_at_j = jnp.take_along_axis(target_labels, assoc["j_star"], axis=1)
   counted = assoc["selected"] & (t_at_j != ignore_label)
-  return counted & (t_at_j == assoc["source_labels"]), counted
+  return counted & (t_at_j == assoc["source_labels"]), counted, t_at_j
 
 
 def association_confusion(assoc, target_labels, num_classes,
@@ -267,13 +272,11 @@ def association_confusion(assoc, target_labels, num_classes,
 
   The diagonal over the row sums is the per-class "correct" share.
   """
-  _, counted = _correct(assoc, target_labels, ignore_label)
-  t_at_j = jnp.take_along_axis(target_labels, assoc["j_star"], axis=1)
+  _, counted, t_at_j = _correct(assoc, target_labels, ignore_label)
   rows = jnp.where(counted, assoc["source_labels"], 0).reshape(-1)
   cols = jnp.where(counted, t_at_j, 0).reshape(-1)
-  flat = rows * num_classes + cols
-  counts = jnp.zeros((num_classes * num_classes,), jnp.int32).at[flat].add(
-      counted.reshape(-1).astype(jnp.int32))
+  counts = jnp.zeros((num_classes * num_classes,), jnp.int32).at[
+      rows * num_classes + cols].add(counted.reshape(-1).astype(jnp.int32))
   return counts.reshape(num_classes, num_classes)
 
 

@@ -70,11 +70,9 @@ def prepare(element, config):
 
 def _target_source(config):
   """The target dataset with labels if it has them (flag, source)."""
-  domain = config.data.target.copy_and_resolve_references()
-  domain.require_labels = True
   try:
-    return True, input_pipeline.create_source(domain, config.data,
-                                              config.model.num_classes)
+    return True, input_pipeline.create_labelled_source(
+        config.data.target, config.data, config.model.num_classes)
   except base.DatasetError as e:
     print(f"target labels unavailable ({e}); drawing without them")
     return False, input_pipeline.create_source(

@@ -30,15 +30,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 
-def labelled_target(config, which="train"):
-  """The target-domain dataset with labels required."""
-  domain = (config.data.target if which == "train" else config.data.eval)
-  domain = domain.copy_and_resolve_references()
-  domain.require_labels = True
-  return input_pipeline.create_source(domain, config.data,
-                                      config.model.num_classes)
-
-
 def overlap_counts(source_sets, target_sets, num_pairs, seed=0):
   """Counts over `num_pairs` random pairs (uniform, with replacement).
 
@@ -100,7 +91,9 @@ def run(config, num_pairs, out, seed=0, target="train", min_pixels=1):
   """Everything the command does; returns (counts, paths)."""
   m = config.model.num_classes
   source = input_pipeline.create_source(config.data.source, config.data, m)
-  target_ds = labelled_target(config, target)
+  target_ds = input_pipeline.create_labelled_source(
+      config.data.target if target == "train" else config.data.eval,
+      config.data, m)
   source_sets = pairing.class_sets(source, m, min_pixels=min_pixels)
   target_sets = pairing.class_sets(target_ds, m, min_pixels=min_pixels)
   counts = overlap_counts(source_sets, target_sets, num_pairs, seed)
