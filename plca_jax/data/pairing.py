@@ -122,20 +122,18 @@ class OverlapPairingIterator:
   def __next__(self):
     batch = next(self._inner)
     target, cands = batch["target"], batch["candidates"]
-    rows, shared, best = [], [], []
+    rows, shared = [], []
     for b, t in enumerate(target["index"]):
       pick, counts = choose(self.source_sets[cands["index"][b]],
                             self.table[t], bool(self.known[t]))
       rows.append(pick)
       shared.append(counts[pick])
-      best.append(counts.max())
     take = np.arange(len(rows))
     source = {key: np.asarray(value)[take, np.asarray(rows)]
               for key, value in cands.items()}
     self._pending.append(np.asarray(target["index"]))
     return {"source": source, "target": target,
             "pairing": {"shared": np.asarray(shared, np.int32),
-                        "best_shared": np.asarray(best, np.int32),
                         "candidates": np.asarray(cands["index"]),
                         "known": self.known[target["index"]].copy()}}
 

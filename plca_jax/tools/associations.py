@@ -123,8 +123,9 @@ def compute(config, variables, pairs, batch_norm="running"):
       return out
     return model.apply(variables, x, train=False)
 
-  out_s = jax.jit(forward)(pairs["source_image"])
-  out_t = jax.jit(forward)(pairs["target_image"])
+  forward = jax.jit(forward)
+  out_s = forward(pairs["source_image"])
+  out_t = forward(pairs["target_image"])
   grid = out_s["logits"].shape[1:3]
   source_grid = losses.downsample_labels(
       jnp.asarray(pairs["source_label"], jnp.int32), grid)
