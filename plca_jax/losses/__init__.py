@@ -90,7 +90,7 @@ def plca_objective(source_outputs, target_outputs, source_labels, *,
         s, t, grid_labels, metric, aggregate_target=aggregate_target,
         alpha=alpha, ignore_label=ignore_label, chunk_size=chunk_size,
         sim_plca=sim_plca)
-    terms[name] = masked_mean(assoc["loss"], assoc["selected"])
+    terms[name] = assoc["mean_loss"]
     total += association_weight * terms[name]
     target_size = t.shape[1] * t.shape[2]
     for key, value in association_statistics(

@@ -6,9 +6,13 @@ Every similarity used here has the form D(a_i, b_j) = A_i . B_j + c_i:
   so D(p_i, q_j) = -KL(p_i || q_j).
 With that, spatial aggregation and both directions of the cycle are one
 row-wise kernel: a row of D is a (L,) vector computed from one left pixel and
-the whole right image. Rows are processed `chunk_size` at a time with
-`jax.lax.map` and rematerialised (`jax.checkpoint`) in the backward pass, so
-no L x L matrix ever exists: peak memory is O(chunk_size * L + L * C).
+the whole right image. Rows are processed `chunk_size` at a time
+(`jax.lax.scan` over row chunks), so no L x L matrix ever exists: peak memory
+is O(chunk_size * L + L * C). Both the aggregation and the cycle are fused
+custom VJPs (see the comments above `_aggregate_rows` and `_cycle_rows`):
+what they keep for the backward pass is O(L * C) per image (the aggregation's
+input, or the cycle's gradient) plus a few numbers per row, and their
+gradients are matrix products, with no autodiff intermediates.
 
 All functions work on one image, (L, C) pixel sets, and are vmapped over the
 batch; the association of an image pair therefore stays on the device that
@@ -29,7 +33,7 @@ METRICS = ("cos", "kl")
 
 def at_least_f32(x):
   """x in float32, or float64 if it already is (bfloat16 is promoted)."""
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _check_metric(metric):
@@ -62,33 +66,200 @@ def contrast_normalize(d):
   return jax.nn.softmax((d - mean) / (std + STD_EPS), axis=-1)
 
 
-def _row_map(fn, rows, chunk_size):
-  """Applies the per-row `fn` to every row of the pytree `rows`.
-
-  `chunk_size=None` (or >= the row count) evaluates all rows at once;
-  otherwise rows go `chunk_size` at a time through `jax.lax.map`, each chunk
-  rematerialised in the backward pass so that only O(chunk_size * L) of the
-  similarity matrix is ever alive.
-  """
-  num_rows = jax.tree.leaves(rows)[0].shape[0]
-  if chunk_size is None or chunk_size >= num_rows:
-    return jax.vmap(fn)(rows)
-  if chunk_size < 1:
+def _chunks(x, chunk_size, pad_value=0):
+  """(L, ...) -> (num_chunks, chunk, ...), padded at the end."""
+  num_rows = x.shape[0]
+  chunk = num_rows if chunk_size is None else min(chunk_size, num_rows)
+  if chunk < 1:
     raise ValueError(f"chunk_size={chunk_size}; expected None or >= 1")
-  return jax.lax.map(jax.checkpoint(fn), rows, batch_size=chunk_size)
+  num_chunks = -(-num_rows // chunk)
+  pad = num_chunks * chunk - num_rows
+  x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1),
+              constant_values=pad_value)
+  return x.reshape(num_chunks, chunk, *x.shape[1:])
 
 
+def _unchunk(x, num_rows):
+  """Inverse of `_chunks`: (num_chunks, chunk, ...) -> (num_rows, ...)."""
+  return x.reshape(-1, *x.shape[2:])[:num_rows]
+
+
+def _row_stats(d, normalize):
+  """Constants of the row softmax of similarity rows d (R, L).
+
+  Returns (mean, scale, lse), each (R, 1), such that the scores are
+  softmax(z) = exp(z - lse) with z = (d - mean) / scale: the row mean and
+  the unbiased std + 1e-10 for the contrast normalisation (`normalize`;
+  stop-gradient quantities, SPEC.md s. 2), mean 0 and scale 1 otherwise.
+  """
+  if normalize:
+    mean = jnp.mean(d, axis=-1, keepdims=True)
+    var = jnp.sum(jnp.square(d - mean), axis=-1, keepdims=True) / (
+        d.shape[-1] - 1)
+    scale = jnp.sqrt(var) + STD_EPS
+  else:
+    mean, scale = jnp.zeros_like(d[:, :1]), jnp.ones_like(d[:, :1])
+  lse = jax.nn.logsumexp((d - mean) / scale, axis=-1, keepdims=True)
+  return mean, scale, lse
+
+
+def _per_image(fn, *args):
+  """jax.vmap(fn)(*args), without the batch axis for a single image.
+
+  XLA:CPU runs a batched (R, C) x (L, C)^T product ~1.4x slower than the
+  same product without the batch axis (it transposes the right operand in
+  the loop); one image per micro-batch, the paper's setting on one device,
+  skips it.
+  """
+  if args[0].shape[0] == 1:
+    return jax.tree.map(lambda y: y[None], fn(*(a[0] for a in args)))
+  return jax.vmap(fn)(*args)
+
+
+def _pick(x, idx):
+  """x[r, idx[r]] for every row r of x (R, L)."""
+  return jnp.take_along_axis(x, idx[:, None], axis=1)[:, 0]
+
+
+def _one_hot_minus(idx, probs):
+  """one_hot(idx) - probs for rows (R, L)."""
+  hot = jnp.arange(probs.shape[1]) == idx[:, None]
+  return hot.astype(probs.dtype) - probs
+
+
+# Operands in scaled form: row i of D(x, y) is ra_i (u_i . v_j) rb_j + c_i,
+# i.e. A = diag(ra) u and B = diag(rb) v. For `cos`, u = v = x and
+# ra = rb = 1 / max(|x|, 1e-12), so no normalised copy of a feature map is
+# ever stored (C = 2048 makes each (L, C) copy 69 MB at 92x92); for `kl`,
+# u = p, v = log(q + 1e-10), ra = rb = 1.
+
+
+def _scaled_operands(x, metric):
+  """(u, ra, c, v, rb) of x (L, C); see above."""
+  if metric == "cos":
+    r = jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1), NORM_EPS**2))
+    return x, r, jnp.zeros_like(r), x, r
+  ones = jnp.ones(x.shape[:1], x.dtype)
+  return (x, ones, -jnp.sum(x * jnp.log(x + KL_EPS), axis=-1),
+          jnp.log(x + KL_EPS), ones)
+
+
+def _operands_grad(x, metric, da, dc, db):
+  """Gradient w.r.t. x (L, C) from those w.r.t. A, c and B of x.
+
+  For `cos` (A = B = x / max(|x|, 1e-12)) `da` is None and `db` holds the
+  sum of both; written out rather than through jax.vjp, so that no
+  cotangent or residual of the size of x is made for the unused parts.
+  """
+  if metric == "cos":
+    sq = jnp.sum(x * x, axis=-1)
+    r = jax.lax.rsqrt(jnp.maximum(sq, NORM_EPS**2))
+    # d/dx (x r) = r I - r^3 x x^T where |x| > 1e-12; r is constant below.
+    dr = jnp.where(sq > NORM_EPS**2, r**3 * jnp.sum(x * db, -1), 0.0)
+    return r[:, None] * db - dr[:, None] * x
+  log = jnp.log(x + KL_EPS)
+  # A = p, c = -sum p log(p + eps), B = log(p + eps).
+  return (da - dc[:, None] * (log + x / (x + KL_EPS)) + db / (x + KL_EPS))
+
+
+def _similarity_rows(a_r, c_r, v, rb):
+  """Rows of D for the full left operands a_r (R, C): (R, L)."""
+  return (a_r @ v.T) * rb[None, :] + c_r[:, None]
+
+
+def _add_rows(acc, k, rows):
+  """acc[k R:(k + 1) R] += rows, rows (R, ...): chunk k of R rows, in place.
+
+  `acc` has the padded row count of `_chunks` (a multiple of R).
+  """
+  start = k * rows.shape[0]
+  old = jax.lax.dynamic_slice_in_dim(acc, start, rows.shape[0])
+  return jax.lax.dynamic_update_slice_in_dim(acc, old + rows, start, 0)
+
+
+def _add_full(acc, full):
+  """acc[:L] += full (L, ...), acc padded like `_add_rows`'s."""
+  return acc.at[:full.shape[0]].add(full)
+
+
+def _padded_zeros(x, chunk_size):
+  """Zeros of x's shape with the padded row count of `_chunks(x, ...)`."""
+  return jnp.zeros_like(_chunks(x, chunk_size).reshape(-1, *x.shape[1:]))
+
+
+# Spatial aggregation (eq. 7-8) of one image as one custom VJP. The forward
+# keeps its input and, per row, the constants of the row softmax (mean,
+# scale, log-sum-exp); the backward recomputes each chunk's similarity rows
+# once and forms every gradient with matrix products: 2 (L x L x C)
+# products forward, 5 backward. (Autodiff through a rematerialised chunk
+# also recomputed W x and kept the softmax's intermediates.)
+
+
+def _aggregate_rows(x, metric, alpha, chunk_size):
+  """x (L, C) -> (output (L, C) float32+, row statistics)."""
+  xf = at_least_f32(x)
+  u, ra, c, v, rb = _scaled_operands(xf, metric)
+
+  def body(_, rows):
+    u_r, ra_r, c_r = rows
+    d = _similarity_rows(u_r * ra_r[:, None], c_r, v, rb)
+    mean, scale, lse = _row_stats(d, metric == "cos")
+    w = jnp.exp((d - mean) / scale - lse)
+    return None, (w @ xf, mean, scale, lse)
+
+  _, (wx, *stats) = jax.lax.scan(
+      body, None, tuple(_chunks(y, chunk_size) for y in (u, ra, c)))
+  n = x.shape[0]
+  out = (1.0 - alpha) * xf + alpha * _unchunk(wx, n)
+  return out, tuple(_unchunk(y, n) for y in stats)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _aggregate_single(x, metric, alpha, chunk_size):
-  """Eq. 7-8 on one image: x <- (1 - alpha) x + alpha W x, x (L, C)."""
-  a, c, b = _operands(x, metric)
+  return _aggregate_rows(x, metric, alpha, chunk_size)[0]
 
-  def row(args):
-    a_i, c_i = args
-    d = b @ a_i + c_i  # (L,)
-    w = contrast_normalize(d) if metric == "cos" else jax.nn.softmax(d)
-    return w @ x
 
-  return (1.0 - alpha) * x + alpha * _row_map(row, (a, c), chunk_size)
+def _aggregate_fwd(x, metric, alpha, chunk_size):
+  out, stats = _aggregate_rows(x, metric, alpha, chunk_size)
+  return out, (x, stats)  # x in its own dtype (bfloat16 stays bfloat16)
+
+
+def _aggregate_bwd(metric, alpha, chunk_size, res, g):
+  x, (mean, scale, lse) = res
+  xf = at_least_f32(x)
+  u, ra, c, v, rb = _scaled_operands(xf, metric)
+  shared = metric == "cos"  # A and B both scale x: one accumulator
+
+  def body(carry, rows):
+    dx, da_acc, db = carry
+    k, u_r, ra_r, c_r, g_r, mean_r, scale_r, lse_r = rows
+    a_r = u_r * ra_r[:, None]
+    w = jnp.exp((_similarity_rows(a_r, c_r, v, rb) - mean_r) / scale_r
+                - lse_r)  # W rows, recomputed once
+    dw = g_r @ xf.T  # dL/dW, (R, L)
+    dd = w * (dw - jnp.sum(w * dw, axis=-1, keepdims=True)) / scale_r
+    db = _add_full(db, dd.T @ a_r)  # dL/dB, B = diag(rb) v
+    da_r = (dd * rb[None, :]) @ v  # dL/dA rows
+    if shared:
+      db = _add_rows(db, k, da_r)
+    else:
+      da_acc = _add_rows(da_acc, k, da_r)
+    return (_add_full(dx, w.T @ g_r), da_acc, db), jnp.sum(dd, -1)
+
+  num_chunks = _chunks(ra, chunk_size).shape[0]
+  rows = (jnp.arange(num_chunks),)
+  rows += tuple(_chunks(y, chunk_size) for y in (u, ra, c, alpha * g, mean))
+  rows += (_chunks(scale, chunk_size, 1.0), _chunks(lse, chunk_size))
+  zeros = _padded_zeros(xf, chunk_size)
+  (dx, da, db), dc = jax.lax.scan(
+      body, (zeros, None if shared else zeros, zeros), rows)
+  n = x.shape[0]
+  dx, da, db, dc = dx[:n], None if shared else da[:n], db[:n], dc.reshape(-1)[:n]
+  dx_operands = _operands_grad(xf, metric, da, dc, db)
+  return (((1.0 - alpha) * g + dx + dx_operands).astype(x.dtype),)
+
+
+_aggregate_single.defvjp(_aggregate_fwd, _aggregate_bwd)
 
 
 def spatial_aggregate(x, metric="cos", alpha=0.5, chunk_size=None):
@@ -108,10 +279,9 @@ def spatial_aggregate(x, metric="cos", alpha=0.5, chunk_size=None):
   """
   _check_metric(metric)
   n, h, w, ch = x.shape
-  flat = at_least_f32(x.reshape(n, h * w, ch))
   fn = functools.partial(_aggregate_single, metric=metric, alpha=alpha,
                          chunk_size=chunk_size)
-  return jax.vmap(fn)(flat).reshape(n, h, w, ch)
+  return _per_image(fn, x.reshape(n, h * w, ch)).reshape(n, h, w, ch)
 
 
 @jax.custom_vjp
@@ -124,43 +294,135 @@ def bce_positive(x):
   return -jnp.maximum(jnp.log(x), -100.0)
 
 
-def _bce_fwd(x):
-  return bce_positive(x), x
+def _bce_grad(x):
+  return (x - 1.0) / jnp.maximum(x * (1.0 - x), 1e-12)
 
 
-def _bce_bwd(x, g):
-  return (g * (x - 1.0) / jnp.maximum(x * (1.0 - x), 1e-12),)
+bce_positive.defvjp(lambda x: (bce_positive(x), x),
+                    lambda x, g: (g * _bce_grad(x),))
 
 
-bce_positive.defvjp(_bce_fwd, _bce_bwd)
+# The cycle association of one image pair as one custom VJP. Its output that
+# carries a gradient is the scalar sum of the per-pixel losses over the
+# selected source pixels, so the gradient is that of a scalar: the forward
+# pass forms it alongside the loss, from the similarity rows it already
+# holds, and keeps only it (the size of the inputs) for the backward pass,
+# which scales it by the incoming cotangent. Per chunk of source rows i:
+#   D_st(i, :), j*, S_st(i, j*); D_ts(j*, :), i*, S_ts(j*, i*); loss;
+#   dL/dD_st(i, :) = u (one_hot(j*) - S_st(i, :)) / scale, likewise for
+#   D_ts(j*, :), with u = dL/dp * p (p = S_st S_ts, torch's BCE gradient);
+#   then 4 products give the operands' gradients.
+# That is 6 (L x L x C) products in all, where rematerialised autodiff took
+# 2 forward + 2 recomputed + 4 backward. Sim-PLCA (loss -(D_st + D_ts) on
+# the raw similarities) has u = -1 and no softmax.
 
 
-def _cycle_single(s, t, labels, metric, ignore_label, chunk_size, sim_plca):
-  """Cycle association of one image pair, s (Ls, C), t (Lt, C), labels (Ls,).
-
-  Returns per-source-pixel arrays: loss (Ls,), j* (Ls,), i* (Ls,),
-  valid (Ls,) and selected (Ls,) booleans.
-  """
-  a_s, c_s, b_s = _operands(s, metric)
-  a_t, c_t, b_t = _operands(t, metric)
-
-  def row(args):
-    a_i, c_i = args
-    d_st = b_t @ a_i + c_i  # D_st(i, :), (Lt,)
-    j = jnp.argmax(d_st)  # first index on ties
-    d_ts = b_s @ a_t[j] + c_t[j]  # D_ts(j*, :), (Ls,)
-    i_back = jnp.argmax(d_ts)
-    if sim_plca:
-      loss = -(d_st[j] + d_ts[i_back])
-    else:
-      p = contrast_normalize(d_st)[j] * contrast_normalize(d_ts)[i_back]
-      loss = bce_positive(p)
-    return loss, j, i_back
-
-  loss, j_star, i_star = _row_map(row, (a_s, c_s), chunk_size)
+def _cycle_rows(s, t, labels, metric, ignore_label, chunk_size, sim_plca,
+                with_grads):
+  """One pair s (Ls, C), t (Lt, C), labels (Ls,): outputs and gradients."""
+  sf, tf = at_least_f32(s), at_least_f32(t)
+  u_s, ra_s, c_s, v_s, rb_s = _scaled_operands(sf, metric)
+  u_t, ra_t, c_t, v_t, rb_t = _scaled_operands(tf, metric)
+  shared = metric == "cos"  # A and B both scale x: one accumulator a side
   valid = labels != ignore_label
-  selected = valid & (labels[i_star] == labels)
-  return loss, j_star, i_star, valid, selected
+  dtype = sf.dtype
+
+  def scores(d, idx):
+    """Rows d (R, L): S[r, idx[r]], the score rows S and their scale."""
+    mean, scale, lse = _row_stats(d, True)
+    z = (d - mean) / scale
+    return jnp.exp(_pick(z, idx) - lse[:, 0]), jnp.exp(z - lse), scale
+
+  def body(carry, rows):
+    k, u_r, ra_r, c_r, y_r, valid_r = rows
+    a_r = u_r * ra_r[:, None]
+    d_st = _similarity_rows(a_r, c_r, v_t, rb_t)  # D_st(i, :), (R, Lt)
+    j = jnp.argmax(d_st, axis=1)  # first index on ties
+    a_j = u_t[j] * ra_t[j][:, None]
+    d_ts = _similarity_rows(a_j, c_t[j], v_s, rb_s)  # D_ts(j*, :), (R, Ls)
+    i_back = jnp.argmax(d_ts, axis=1)
+    selected = valid_r & (labels[i_back] == y_r)
+    if sim_plca:
+      loss = -(_pick(d_st, j) + _pick(d_ts, i_back))
+    else:
+      p_st, probs_st, scale_st = scores(d_st, j)
+      p_ts, probs_ts, scale_ts = scores(d_ts, i_back)
+      p = p_st * p_ts
+      loss = bce_positive(p)
+    out = (loss, j, i_back, selected)
+    if not with_grads:
+      return carry, out
+    w = selected.astype(dtype)
+    if sim_plca:
+      g_st = -w[:, None] * _one_hot_minus(j, jnp.zeros_like(d_st))
+      g_ts = -w[:, None] * _one_hot_minus(i_back, jnp.zeros_like(d_ts))
+    else:
+      u = (w * _bce_grad(p) * p)[:, None]
+      g_st = u * _one_hot_minus(j, probs_st) / scale_st
+      g_ts = u * _one_hot_minus(i_back, probs_ts) / scale_ts
+    da_s, db_s, da_t, db_t, dc_t = carry
+    da_r = (g_st * rb_t[None, :]) @ v_t  # dL/dA_s rows
+    if shared:
+      db_s = _add_rows(db_s, k, da_r)
+    else:
+      da_s = _add_rows(da_s, k, da_r)
+    db_s = _add_full(db_s, g_ts.T @ a_j)
+    db_t = db_t + g_st.T @ a_r
+    da_j = (g_ts * rb_s[None, :]) @ v_s
+    if shared:
+      db_t = db_t.at[j].add(da_j)
+    else:
+      da_t = da_t.at[j].add(da_j)
+    dc_t = dc_t.at[j].add(jnp.sum(g_ts, -1))
+    return (da_s, db_s, da_t, db_t, dc_t), out + (jnp.sum(g_st, -1),)
+
+  num_chunks = _chunks(valid, chunk_size).shape[0]
+  rows = (jnp.arange(num_chunks),)
+  rows += tuple(_chunks(y, chunk_size) for y in (u_s, ra_s, c_s, labels))
+  rows += (_chunks(valid, chunk_size),)  # padding rows are not valid
+  carry = None
+  if with_grads:
+    zeros_s = _padded_zeros(sf, chunk_size)  # row chunks are added in place
+    carry = (None if shared else zeros_s, zeros_s,
+             None if shared else jnp.zeros_like(tf), jnp.zeros_like(tf),
+             jnp.zeros_like(c_t))
+  carry, outs = jax.lax.scan(body, carry, rows)
+  n = s.shape[0]
+  loss, j_star, i_star, selected = (_unchunk(y, n) for y in outs[:4])
+  loss_sum = jnp.sum(jnp.where(selected, loss, 0.0))
+  result = (loss_sum, loss, j_star.astype(jnp.int32),
+            i_star.astype(jnp.int32), valid, selected)
+  if not with_grads:
+    return result, None
+  da_s, db_s, da_t, db_t, dc_t = carry
+  ds = _operands_grad(sf, metric, None if shared else da_s[:n],
+                      _unchunk(outs[4], n), db_s[:n])
+  dt = _operands_grad(tf, metric, da_t, dc_t, db_t)
+  return result, (ds.astype(s.dtype), dt.astype(t.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _cycle_single(s, t, labels, metric, ignore_label, chunk_size, sim_plca):
+  return _cycle_rows(s, t, labels, metric, ignore_label, chunk_size,
+                     sim_plca, with_grads=False)[0]
+
+
+def _cycle_fwd(s, t, labels, metric, ignore_label, chunk_size, sim_plca):
+  return _cycle_rows(s, t, labels, metric, ignore_label, chunk_size,
+                     sim_plca, with_grads=True)
+
+
+def _cycle_bwd(metric, ignore_label, chunk_size, sim_plca, grads, ct):
+  del metric, ignore_label, chunk_size, sim_plca
+  # Only the summed loss carries a gradient; the per-pixel outputs are
+  # diagnostics (cycle_association returns them stop-gradient).
+  ct_sum = ct[0]
+  ds, dt = grads
+  return ((ct_sum * ds).astype(ds.dtype), (ct_sum * dt).astype(dt.dtype),
+          None)
+
+
+_cycle_single.defvjp(_cycle_fwd, _cycle_bwd)
 
 
 def cycle_association(source, target, source_labels, metric="cos", *,
@@ -181,10 +443,13 @@ def cycle_association(source, target, source_labels, metric="cos", *,
       similarities ("Sim-PLCA") instead of the contrastive form.
 
   Returns:
-    dict of (N, Hs*Ws) arrays: "loss" (per source pixel, before masking),
-    "j_star", "i_star" (int32 indices into the flattened target / source
-    grids), "valid" and "selected" (bool), and "source_labels" (the labels
-    given, flattened).
+    dict: "mean_loss", the association loss (mean of the per-pixel loss
+    over the selected source pixels of the whole batch, 0 if there are
+    none), the one output that carries a gradient; and (N, Hs*Ws) arrays:
+    "loss" (per source pixel, before masking; stop-gradient), "j_star",
+    "i_star" (int32 indices into the flattened target / source grids),
+    "valid" and "selected" (bool), and "source_labels" (the labels given,
+    flattened).
   """
   _check_metric(metric)
   n, hs, ws, ch = source.shape
@@ -196,15 +461,16 @@ def cycle_association(source, target, source_labels, metric="cos", *,
                      f"{(n, hs, ws)} (the source grid)")
   if aggregate_target:
     target = spatial_aggregate(target, metric, alpha, chunk_size)
-  s = at_least_f32(source.reshape(n, hs * ws, ch))
-  t = at_least_f32(target.reshape(n, -1, ch))
-  y = source_labels.reshape(n, hs * ws)
+  y = jnp.asarray(source_labels).reshape(n, hs * ws)
   fn = functools.partial(_cycle_single, metric=metric,
                          ignore_label=ignore_label, chunk_size=chunk_size,
                          sim_plca=sim_plca)
-  loss, j_star, i_star, valid, selected = jax.vmap(fn)(s, t, y)
-  return dict(loss=loss, j_star=j_star, i_star=i_star, valid=valid,
-              selected=selected, source_labels=y)
+  loss_sum, loss, j_star, i_star, valid, selected = _per_image(fn,
+      source.reshape(n, hs * ws, ch), target.reshape(n, -1, ch), y)
+  count = jnp.maximum(jnp.sum(selected), 1).astype(loss_sum.dtype)
+  return dict(mean_loss=jnp.sum(loss_sum) / count,
+              loss=jax.lax.stop_gradient(loss), j_star=j_star, i_star=i_star,
+              valid=valid, selected=selected, source_labels=y)
 
 
 def masked_mean(values, mask):
@@ -299,7 +565,7 @@ def association_loss(source, target, source_labels, metric="cos", *,
   Returns:
     scalar float32 loss.
   """
-  assoc = cycle_association(source, target, source_labels, metric,
-                            aggregate_target=aggregate_target, alpha=alpha,
-                            ignore_label=ignore_label, chunk_size=chunk_size)
-  return masked_mean(assoc["loss"], assoc["selected"])
+  return cycle_association(
+      source, target, source_labels, metric,
+      aggregate_target=aggregate_target, alpha=alpha,
+      ignore_label=ignore_label, chunk_size=chunk_size)["mean_loss"]
