@@ -15,7 +15,6 @@ speed-up; on TPU/GPU each device is real hardware.
 """
 
 import argparse
-import functools
 import json
 import os
 import subprocess
@@ -45,11 +44,7 @@ def run_one(per_device_batch, steps):
   batch, _ = train.next_update_batch(
       input_pipeline.create_train_iterator(config), 1)
   batch = sharding.to_global(batch, mesh, 1)
-  step = jax.jit(functools.partial(train.train_step, model=model,
-                                   config=config),
-                 in_shardings=(sharding.replicated(mesh),
-                               sharding.batch_sharding(mesh, 1)),
-                 donate_argnums=(0,))
+  step = train.create_train_step(config, model, mesh)
   t0 = time.perf_counter()
   state, scalars = step(state, batch)
   jax.block_until_ready(scalars)

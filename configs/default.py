@@ -48,6 +48,10 @@ def use_paper_setting(config, source, num_classes, train_epochs,
                               require_labels=False)
   config.data.eval = domain("cityscapes", split="val")
   config.init_allow_missing = "classifier"
+  # R101 at 730x730: 2.97 GiB kept for the backward pass per micro-batch of
+  # 1 image per domain instead of 11.76 GiB (benchmarks/memory.py), so a
+  # micro-batch of 4 per domain fits a 16 GiB device.
+  config.model.remat = "block"
   epoch = updates_per_epoch(2975, config.train.batch_size,
                             config.train.grad_accum_steps)
   config.train.num_steps = train_epochs * epoch
@@ -78,6 +82,11 @@ def get_config():
   config.model.depth = 101  # ResNet-18/34/50/101 backbone
   config.model.width = 64  # stem/layer1 channels (64 = standard ResNet)
   config.model.num_classes = 16
+  # "block": recompute each residual block's activations in the backward
+  # pass (the forward keeps only block inputs): R101 at 730x730 keeps
+  # ~4x less for the backward pass (benchmarks/memory.py, README
+  # "Performance"). "none": keep everything (fastest on small inputs).
+  config.model.remat = "none"
 
   # SPEC.md section 2. The ablation ladder of the paper's Table 1 is
   # use_ce; +use_lovasz; +use_fass; +use_cass; +use_lsr.

@@ -31,6 +31,7 @@ from plca_jax import metrics as metrics_lib
 from plca_jax import models
 from plca_jax import sharding
 from plca_jax import writers
+from plca_jax import xla
 from plca_jax.data import input_pipeline
 from plca_jax.data import transforms
 
@@ -108,7 +109,12 @@ def create_train_state(config, model, rng, mesh):
   return jax.jit(build, out_shardings=replicated)(variables)
 
 
-def _micro_batch_loss(params, batch_stats, micro, *, model, config):
+def micro_batch_loss(params, batch_stats, micro, *, model, config):
+  """Loss of one micro-batch: (total, (terms, new batch_stats)).
+
+  `micro` is {"source": {"image", "label"}, "target": {...}} with uint8
+  images (N, H, W, 3); the parameters are what gradients are taken of.
+  """
   images = [transforms.encode(micro[d]["image"], config.data.encoding)
             for d in ("source", "target")]
   out_s, updates = model.apply(
@@ -157,7 +163,7 @@ def train_step(state, batch, *, model, config):
     (K, B, M) predicted class sets of the target images).
   """
   grad_fn = jax.value_and_grad(
-      functools.partial(_micro_batch_loss, model=model, config=config),
+      functools.partial(micro_batch_loss, model=model, config=config),
       has_aux=True)
   # A Python loop over the K (static, small) micro-batches: on XLA:CPU a
   # lax.scan, even unrolled, made the demo's update 3x slower (1.42 s vs
@@ -181,6 +187,24 @@ def train_step(state, batch, *, model, config):
   if classes:  # (K, B, M): for the host's class-overlap pairing table
     scalars["target_classes"] = jnp.stack(classes)
   return new_state, scalars
+
+
+def create_train_step(config, model, mesh, compiler_options=None):
+  """The jitted, sharded update `(state, batch) -> (state, scalars)`.
+
+  The state is replicated and donated, the batch sharded on its batch axis
+  (axis 1: K micro-batches x global batch); backend-specific compiler
+  options come from `plca_jax.xla` unless `compiler_options` is given.
+  Main and the benchmarks use this one function.
+  """
+  if compiler_options is None:
+    compiler_options = xla.compiler_options()
+  replicated = sharding.replicated(mesh)
+  return jax.jit(
+      functools.partial(train_step, model=model, config=config),
+      in_shardings=(replicated, sharding.batch_sharding(mesh, 1)),
+      out_shardings=(replicated, replicated), donate_argnums=(0,),
+      compiler_options=compiler_options)
 
 
 def is_finite(state):
@@ -306,11 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.write_hparams(_hparams(config))
 
   # The jitted update.
-  state_sharding = sharding.replicated(mesh)
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, config=config),
-      in_shardings=(state_sharding, sharding.batch_sharding(mesh, 1)),
-      out_shardings=(state_sharding, state_sharding), donate_argnums=(0,))
+  step_fn = create_train_step(config, model, mesh)
   eval_step_fn = evaluate.create_eval_step(config, model, mesh)
   lr_fn = create_learning_rate_fn(config)
   num_steps = config.train.num_steps

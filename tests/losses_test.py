@@ -124,6 +124,19 @@ class AssociationTest(parameterized.TestCase):
     self.assertEqual(int(out["j_star"][0, 0]), 2)
     _, details = reference.cycle(s, t, y, metric, aggregate_target=False)
     np.testing.assert_array_equal(out["j_star"][0], details["j_star"][0])
+    # Value and gradient at the tie (the choices frozen, as in autodiff).
+    with jax.enable_x64(True):
+      value, gs = jax.value_and_grad(
+          lambda a: losses.association_loss(a, jnp.asarray(t), y, metric,
+                                            aggregate_target=False,
+                                            chunk_size=4))(jnp.asarray(s))
+    ref = lambda a: reference.cycle(a, t, y, metric, aggregate_target=False,
+                                    frozen=(s, t))[0]
+    np.testing.assert_allclose(value, ref(s), rtol=1e-10)
+    # rtol 1e-4: for `kl` some probabilities are ~1e-3 and the central
+    # difference of log(p) with step 1e-6 is off by ~5e-5 relative.
+    np.testing.assert_allclose(gs, reference.numeric_grad(ref, s),
+                               rtol=1e-4, atol=1e-8)
 
   @parameterized.parameters("cos", "kl")
   def test_single_class_selects_every_valid_pixel(self, metric):
@@ -150,6 +163,48 @@ class AssociationTest(parameterized.TestCase):
     np.testing.assert_allclose(v1, v0, rtol=1e-5)
     for a, b in zip(g1, g0):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+  @parameterized.parameters("cos", "kl")
+  def test_batch_equals_images_one_by_one(self, metric):
+    # A batch of 2 runs vmapped; one image runs without the batch axis.
+    s, t, y = _random_inputs(7, metric, hs=3, ws=4, ht=4, wt=4, c=6)
+    s, t = jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)
+
+    def sums(a, b, labels):  # per-image sums: the batch mean is a ratio
+      out = losses.cycle_association(a, b, labels, metric, chunk_size=5)
+      return (jnp.sum(jnp.where(out["selected"], out["loss"], 0.0)),
+              out["j_star"], out["i_star"], out["selected"])
+
+    whole = sums(s, t, y)
+    parts = [sums(s[k:k + 1], t[k:k + 1], y[k:k + 1]) for k in range(2)]
+    np.testing.assert_allclose(whole[0], parts[0][0] + parts[1][0],
+                               rtol=1e-6)
+    for key in (1, 2, 3):
+      np.testing.assert_array_equal(
+          whole[key], np.concatenate([p[key] for p in parts]))
+    fn = lambda a, b: losses.association_loss(a, b, y[:1], metric,
+                                              chunk_size=5)
+    g_one = jax.grad(fn, argnums=(0, 1))(s[:1], t[:1])
+    g_two = jax.grad(lambda a, b: fn(a[:1], b[:1]), argnums=(0, 1))(s, t)
+    for a, b in zip(g_one, g_two):
+      np.testing.assert_allclose(b[:1], a, rtol=1e-6, atol=1e-8)
+
+  @parameterized.parameters("cos", "kl")
+  def test_bfloat16_inputs_give_bfloat16_gradients_close_to_float32(
+      self, metric):
+    s, t, y = _random_inputs(8, metric, hs=4, ws=4, ht=4, wt=4, c=8,
+                             num_classes=2, ignore_frac=0.0)
+    fn = lambda a, b: losses.association_loss(a, b, y, metric, chunk_size=6)
+    grad = jax.value_and_grad(fn, argnums=(0, 1))
+    s16, t16 = (jnp.asarray(v, jnp.bfloat16) for v in (s, t))
+    v16, g16 = grad(s16, t16)
+    v32, g32 = grad(s16.astype(jnp.float32), t16.astype(jnp.float32))
+    self.assertEqual(v16.dtype, jnp.float32)
+    np.testing.assert_allclose(v16, v32, rtol=1e-6)
+    for a, b in zip(g16, g32):
+      self.assertEqual(a.dtype, jnp.bfloat16)
+      np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=2e-2,
+                                 atol=1e-3 * float(jnp.max(jnp.abs(b))))
 
   def test_bce_gradient_is_zero_at_one_and_log_clamped(self):
     g = jax.grad(association.bce_positive)

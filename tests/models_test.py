@@ -141,3 +141,78 @@ class MaxPoolTest(parameterized.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class RematTest(parameterized.TestCase):
+  """config.model.remat="block" changes memory, not results."""
+
+  @parameterized.parameters(18, 50)
+  def test_block_remat_equals_none(self, depth):
+    kwargs = dict(num_classes=5, depth=depth, width=8)
+    plain = models.DeepLabV2(**kwargs)
+    remat = models.DeepLabV2(remat="block", **kwargs)
+    x = jax.random.normal(jax.random.key(1), (2, 33, 41, 3))
+    variables = plain.init(jax.random.key(0), x)
+
+    def loss(model):
+      def fn(params):
+        out, updates = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, x,
+            train=True, mutable=["batch_stats"])
+        value = jnp.sum(out["logits"] ** 2) + jnp.sum(out["features"])
+        return value, updates["batch_stats"]
+      return jax.value_and_grad(fn, has_aux=True)(variables["params"])
+
+    (v0, stats0), g0 = loss(plain)
+    (v1, stats1), g1 = loss(remat)
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves((g1, stats1)),
+                    jax.tree.leaves((g0, stats0))):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+  def test_block_remat_keeps_less_for_the_backward_pass(self):
+    x = jax.ShapeDtypeStruct((1, 65, 65, 3), jnp.float32)
+
+    def saved(remat):
+      model = models.DeepLabV2(num_classes=5, depth=50, width=8, remat=remat)
+      variables = jax.eval_shape(model.init, jax.random.key(0), x)
+
+      def residuals(params, batch_stats, images):
+        fn = lambda p: model.apply(  # pylint: disable=g-long-lambda
+            {"params": p, "batch_stats": batch_stats}, images,
+            train=True, mutable=["batch_stats"])[0]["logits"].sum()
+        return jax.vjp(fn, params)[1]
+      return sum(r.size * r.dtype.itemsize for r in jax.tree.leaves(
+          jax.eval_shape(residuals, variables["params"],
+                         variables["batch_stats"], x)))
+
+    self.assertLess(saved("block"), 0.5 * saved("none"))
+
+  def test_bfloat16_network_keeps_no_float32_activations(self):
+    model = models.DeepLabV2(num_classes=5, depth=18, width=8,
+                             dtype=jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+
+    def residuals(params, batch_stats, images):
+      fn = lambda p: model.apply(  # pylint: disable=g-long-lambda
+          {"params": p, "batch_stats": batch_stats}, images,
+          train=True, mutable=["batch_stats"])[0]["logits"].astype(
+              jnp.float32).sum()
+      return jax.vjp(fn, params)[1]
+
+    leaves = jax.tree.leaves(jax.eval_shape(
+        residuals, variables["params"], variables["batch_stats"], x))
+    # Activations (>= the 8x8x... feature map of the last layer) are bfloat16
+    # (or boolean ReLU masks); float32 only for parameters and statistics.
+    activation_size = 8 * 8 * 8 * 8
+    big_f32 = [r.shape for r in leaves
+               if r.dtype == jnp.float32 and r.size >= activation_size and
+               r.ndim == 4 and r.shape[0] == 1]
+    self.assertEqual(big_f32, [])
+    self.assertTrue(any(r.dtype == jnp.bfloat16 for r in leaves))
+
+  def test_bad_remat_mode(self):
+    model = models.DeepLabV2(num_classes=5, depth=18, width=8, remat="all")
+    with self.assertRaisesRegex(ValueError, "remat='all'"):
+      model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))

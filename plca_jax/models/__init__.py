@@ -2,6 +2,8 @@
 
 import jax.numpy as jnp
 
+from plca_jax import xla
+
 from plca_jax.models.deeplab_v2 import DeepLabV2
 from plca_jax.models.resnet import ResNet
 
@@ -20,7 +22,8 @@ def get_model(config, dtype=None):
     raise ValueError(f"config.model.name={config.model.name!r}; expected one "
                      f"of {sorted(MODELS)}")
   kwargs = dict(num_classes=config.model.num_classes,
-                depth=config.model.depth, width=config.model.width)
+                depth=config.model.depth, width=config.model.width,
+                remat=config.model.remat, block_barrier=xla.on_cpu())
   if dtype is None:
     name = config.train.compute_dtype
     if name not in DTYPES:

@@ -45,10 +45,13 @@ class DeepLabV2(nn.Module):
   width: int = 64
   aspp_rates: Sequence[int] = (6, 12, 18, 24)
   dtype: Any = jnp.float32
+  remat: str = "none"  # see resnet.ResNet
+  block_barrier: bool = False
 
   def setup(self):
     self.backbone = resnet.ResNet(depth=self.depth, width=self.width,
-                                  dtype=self.dtype)
+                                  dtype=self.dtype, remat=self.remat,
+                                  block_barrier=self.block_barrier)
     self.classifier = ASPPHead(self.num_classes, self.aspp_rates,
                                dtype=self.dtype)
 

@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from plca_jax.models import norm as norm_lib
+
 # He-normal with fan_out, as torchvision initialises its convs.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -65,7 +67,7 @@ class BasicBlock(nn.Module):
   stride: int = 1
   dilation: int = 1
   downsample: bool = False
-  norm: Callable[..., nn.Module] = nn.BatchNorm
+  norm: Callable[..., nn.Module] = norm_lib.BatchNorm
   dtype: Any = jnp.float32
   expansion = 1
 
@@ -89,7 +91,7 @@ class Bottleneck(nn.Module):
   stride: int = 1
   dilation: int = 1
   downsample: bool = False
-  norm: Callable[..., nn.Module] = nn.BatchNorm
+  norm: Callable[..., nn.Module] = norm_lib.BatchNorm
   dtype: Any = jnp.float32
   expansion = 4
 
@@ -108,6 +110,8 @@ class Bottleneck(nn.Module):
       x = self.norm(name="downsample_bn")(x)
     return nn.relu(y + x)
 
+
+REMAT_MODES = ("none", "block")
 
 # depth -> (block class, blocks per layer)
 RESNET_SPECS = {
@@ -128,6 +132,14 @@ class ResNet(nn.Module):
     layer_dilations: dilation of layer1..4 (1, 1, 2, 4 for DeepLab-V2); a
       layer whose dilation exceeds the previous layer's has stride 1.
     dtype: computation dtype (parameters are always float32).
+    remat: "none", or "block": every residual block recomputes its
+      activations in the backward pass, so the forward pass keeps only the
+      block inputs (`flax.linen.remat`).
+    block_barrier: materialise every block output once
+      (`lax.optimization_barrier`). XLA:CPU otherwise copies the cheap
+      residual add/ReLU chain into every consumer, recomputing whole layers
+      (quadratic in the block count); `plca_jax.xla` keeps the barrier
+      through XLA:CPU's passes. Set on the CPU backend only.
   """
   depth: int = 101
   width: int = 64
@@ -135,15 +147,22 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9  # PyTorch momentum 0.1
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
+  remat: str = "none"
+  block_barrier: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    if self.remat not in REMAT_MODES:
+      raise ValueError(f"config.model.remat={self.remat!r}; expected one of "
+                       f"{REMAT_MODES}")
     if self.depth not in RESNET_SPECS:
       raise ValueError(f"ResNet depth {self.depth} not in "
                        f"{sorted(RESNET_SPECS)}")
     block_cls, layers = RESNET_SPECS[self.depth]
+    if self.remat == "block":
+      block_cls = nn.remat(block_cls)
     norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train,
+        norm_lib.BatchNorm, use_running_average=not train,
         momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype)
 
     x = x.astype(self.dtype)
@@ -169,5 +188,7 @@ class ResNet(nn.Module):
             downsample=first and (stride != 1 or in_channels != out_channels),
             norm=norm, dtype=self.dtype,
             name=f"layer{i + 1}_{b}")(x)
+        if self.block_barrier:
+          x = jax.lax.optimization_barrier(x)
         in_channels = out_channels
     return x
