@@ -63,11 +63,11 @@ def main():
     t0 = time.perf_counter()
     update()
     times.append(time.perf_counter() - t0)
+  work = "CE + target term" if args.target_loss else "CE only"
   print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"R{args.depth} DeepLab-V2, {args.crop}x{args.crop}, {args.batch} "
-        f"image(s) per domain, "
-        f"{'CE + target term' if args.target_loss else 'CE only'}: median {statistics.median(times):.2f}"
-        f" s, min {min(times):.2f} s per update")
+        f"image(s) per domain, {work}: median "
+        f"{statistics.median(times):.2f} s, min {min(times):.2f} s per update")
 
 
 if __name__ == "__main__":

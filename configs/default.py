@@ -85,7 +85,7 @@ def get_config():
   # "block": recompute each residual block's activations in the backward
   # pass (the forward keeps only block inputs): R101 at 730x730 keeps
   # ~4x less for the backward pass (benchmarks/memory.py, README
-  # "Performance"). "none": keep everything (fastest on small inputs).
+  # "Memory and speed"). "none": keep everything (fastest on small inputs).
   config.model.remat = "none"
 
   # SPEC.md section 2. The ablation ladder of the paper's Table 1 is

@@ -9,7 +9,6 @@ from plca_jax.losses.association import association_statistics
 from plca_jax.losses.association import at_least_f32
 from plca_jax.losses.association import contrast_normalize
 from plca_jax.losses.association import cycle_association
-from plca_jax.losses.association import masked_mean
 from plca_jax.losses.association import spatial_aggregate
 from plca_jax.losses.segmentation import cross_entropy
 from plca_jax.losses.segmentation import downsample_labels

@@ -41,20 +41,6 @@ def _check_metric(metric):
     raise ValueError(f"metric={metric!r}; expected one of {METRICS}")
 
 
-def _l2_normalize(x):
-  """x / max(|x|, 1e-12) with a finite gradient at x = 0 (like F.normalize)."""
-  sq = jnp.sum(x * x, axis=-1, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, NORM_EPS**2))
-
-
-def _operands(x, metric):
-  """(A, c, B) of x: row i of D(x, y) is A_i . B_y + c_i, column j is B_j."""
-  if metric == "cos":
-    n = _l2_normalize(x)
-    return n, jnp.zeros(x.shape[:-1], x.dtype), n
-  return x, -jnp.sum(x * jnp.log(x + KL_EPS), axis=-1), jnp.log(x + KL_EPS)
-
-
 def contrast_normalize(d):
   """Softmax of (d - mean) / (std + 1e-10) over the last axis.
 
@@ -66,13 +52,18 @@ def contrast_normalize(d):
   return jax.nn.softmax((d - mean) / (std + STD_EPS), axis=-1)
 
 
-def _chunks(x, chunk_size, pad_value=0):
-  """(L, ...) -> (num_chunks, chunk, ...), padded at the end."""
-  num_rows = x.shape[0]
+def _chunk_geometry(num_rows, chunk_size):
+  """(rows per chunk, number of chunks) for `num_rows` rows."""
   chunk = num_rows if chunk_size is None else min(chunk_size, num_rows)
   if chunk < 1:
     raise ValueError(f"chunk_size={chunk_size}; expected None or >= 1")
-  num_chunks = -(-num_rows // chunk)
+  return chunk, -(-num_rows // chunk)
+
+
+def _chunks(x, chunk_size, pad_value=0):
+  """(L, ...) -> (num_chunks, chunk, ...), padded at the end."""
+  num_rows = x.shape[0]
+  chunk, num_chunks = _chunk_geometry(num_rows, chunk_size)
   pad = num_chunks * chunk - num_rows
   x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1),
               constant_values=pad_value)
@@ -184,7 +175,8 @@ def _add_full(acc, full):
 
 def _padded_zeros(x, chunk_size):
   """Zeros of x's shape with the padded row count of `_chunks(x, ...)`."""
-  return jnp.zeros_like(_chunks(x, chunk_size).reshape(-1, *x.shape[1:]))
+  chunk, num_chunks = _chunk_geometry(x.shape[0], chunk_size)
+  return jnp.zeros((chunk * num_chunks,) + x.shape[1:], x.dtype)
 
 
 # Spatial aggregation (eq. 7-8) of one image as one custom VJP. The forward
@@ -246,17 +238,16 @@ def _aggregate_bwd(metric, alpha, chunk_size, res, g):
       da_acc = _add_rows(da_acc, k, da_r)
     return (_add_full(dx, w.T @ g_r), da_acc, db), jnp.sum(dd, -1)
 
-  num_chunks = _chunks(ra, chunk_size).shape[0]
-  rows = (jnp.arange(num_chunks),)
+  rows = (jnp.arange(_chunk_geometry(x.shape[0], chunk_size)[1]),)
   rows += tuple(_chunks(y, chunk_size) for y in (u, ra, c, alpha * g, mean))
   rows += (_chunks(scale, chunk_size, 1.0), _chunks(lse, chunk_size))
   zeros = _padded_zeros(xf, chunk_size)
   (dx, da, db), dc = jax.lax.scan(
       body, (zeros, None if shared else zeros, zeros), rows)
   n = x.shape[0]
-  dx, da, db, dc = dx[:n], None if shared else da[:n], db[:n], dc.reshape(-1)[:n]
-  dx_operands = _operands_grad(xf, metric, da, dc, db)
-  return (((1.0 - alpha) * g + dx + dx_operands).astype(x.dtype),)
+  dx_operands = _operands_grad(xf, metric, None if shared else da[:n],
+                               _unchunk(dc, n), db[:n])
+  return (((1.0 - alpha) * g + dx[:n] + dx_operands).astype(x.dtype),)
 
 
 _aggregate_single.defvjp(_aggregate_fwd, _aggregate_bwd)
@@ -376,8 +367,7 @@ def _cycle_rows(s, t, labels, metric, ignore_label, chunk_size, sim_plca,
     dc_t = dc_t.at[j].add(jnp.sum(g_ts, -1))
     return (da_s, db_s, da_t, db_t, dc_t), out + (jnp.sum(g_st, -1),)
 
-  num_chunks = _chunks(valid, chunk_size).shape[0]
-  rows = (jnp.arange(num_chunks),)
+  rows = (jnp.arange(_chunk_geometry(s.shape[0], chunk_size)[1]),)
   rows += tuple(_chunks(y, chunk_size) for y in (u_s, ra_s, c_s, labels))
   rows += (_chunks(valid, chunk_size),)  # padding rows are not valid
   carry = None
@@ -465,19 +455,12 @@ def cycle_association(source, target, source_labels, metric="cos", *,
   fn = functools.partial(_cycle_single, metric=metric,
                          ignore_label=ignore_label, chunk_size=chunk_size,
                          sim_plca=sim_plca)
-  loss_sum, loss, j_star, i_star, valid, selected = _per_image(fn,
-      source.reshape(n, hs * ws, ch), target.reshape(n, -1, ch), y)
+  loss_sum, loss, j_star, i_star, valid, selected = _per_image(
+      fn, source.reshape(n, hs * ws, ch), target.reshape(n, -1, ch), y)
   count = jnp.maximum(jnp.sum(selected), 1).astype(loss_sum.dtype)
   return dict(mean_loss=jnp.sum(loss_sum) / count,
               loss=jax.lax.stop_gradient(loss), j_star=j_star, i_star=i_star,
               valid=valid, selected=selected, source_labels=y)
-
-
-def masked_mean(values, mask):
-  """Mean of `values` where `mask`; 0 (with zero gradient) if mask is empty."""
-  mask = mask.astype(values.dtype)
-  total = jnp.sum(jnp.where(mask > 0, values, 0.0))
-  return total / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def association_statistics(assoc, target_size, target_labels=None,

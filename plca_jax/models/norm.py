@@ -47,10 +47,6 @@ def _forward(x, scale, bias, epsilon):
   return (y.astype(x.dtype), mean, var), (x, mean, inv, scale)
 
 
-def _fwd(x, scale, bias, epsilon):
-  return _forward(x, scale, bias, epsilon)
-
-
 def _bwd(res, cotangents):
   x, mean, inv, scale = res
   dy = _f32(cotangents[0])  # the statistics' cotangents are not used
@@ -63,7 +59,7 @@ def _bwd(res, cotangents):
   return dx.astype(x.dtype), dscale, dbias, None
 
 
-batch_norm_train.defvjp(_fwd, _bwd)
+batch_norm_train.defvjp(_forward, _bwd)
 
 
 class BatchNorm(nn.Module):
