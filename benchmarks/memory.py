@@ -38,9 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from plca_jax import evaluate
+from plca_jax import methods
 from plca_jax import models
 from plca_jax import sharding
 from plca_jax import train
+from plca_jax.methods import plca
 
 GIB = 2**30
 
@@ -89,7 +91,7 @@ def saved_for_backward(config):
   micro = _abstract_batch(config)
 
   def residuals(params, batch_stats, micro):
-    loss = lambda p: train.micro_batch_loss(  # pylint: disable=g-long-lambda
+    loss = lambda p: plca.micro_batch_loss(  # pylint: disable=g-long-lambda
         p, batch_stats, micro, model=model, config=config)[0]
     return jax.vjp(loss, params)[1]
 
@@ -101,11 +103,12 @@ def saved_for_backward(config):
 def update_temp(config):
   """XLA temporary buffers of the compiled update (bytes)."""
   mesh = sharding.create_mesh(jax.devices()[:1])
-  model = models.get_model(config)
+  method = methods.get_method(config)
   state = jax.eval_shape(lambda: train.create_train_state(
-      config, model, jax.random.key(0), mesh))
-  step = train.create_train_step(config, model, mesh)
-  compiled = step.lower(state, _abstract_batch(config, k=1)).compile()
+      config, method, jax.random.key(0), mesh))
+  step = train.create_train_step(config, method, mesh)
+  compiled = step.lower(state, _abstract_batch(config, k=1),
+                        train.step_key(config)).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 

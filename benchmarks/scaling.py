@@ -30,7 +30,7 @@ def run_one(per_device_batch, steps):
   # pylint: disable=g-import-not-at-top
   import jax
   from configs import demo
-  from plca_jax import models
+  from plca_jax import methods
   from plca_jax import sharding
   from plca_jax import train
   from plca_jax.data import input_pipeline
@@ -39,19 +39,20 @@ def run_one(per_device_batch, steps):
   config = demo.get_config()
   config.train.batch_size = per_device_batch * devices
   mesh = sharding.create_mesh()
-  model = models.get_model(config)
-  state = train.create_train_state(config, model, jax.random.key(0), mesh)
+  method = methods.get_method(config)
+  state = train.create_train_state(config, method, jax.random.key(0), mesh)
   batch, _ = train.next_update_batch(
       input_pipeline.create_train_iterator(config), 1)
   batch = sharding.to_global(batch, mesh, 1)
-  step = train.create_train_step(config, model, mesh)
+  step = train.create_train_step(config, method, mesh)
+  key = train.step_key(config)
   t0 = time.perf_counter()
-  state, scalars = step(state, batch)
+  state, scalars = step(state, batch, key)
   jax.block_until_ready(scalars)
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   for _ in range(steps):
-    state, scalars = step(state, batch)
+    state, scalars = step(state, batch, key)
   jax.block_until_ready(scalars)
   step_s = (time.perf_counter() - t0) / steps
   return {"devices": devices, "global_batch": config.train.batch_size,

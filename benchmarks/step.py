@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from configs import synthia
-from plca_jax import models
+from plca_jax import methods
 from plca_jax import sharding
 from plca_jax import train
 
@@ -73,24 +73,25 @@ def random_batch(config, seed=0):
 
 def time_update(config, steps, cpu_fixes):
   mesh = sharding.create_mesh(jax.devices()[:1])
-  model = models.get_model(config)
+  method = methods.get_method(config)
   options = None
   if not cpu_fixes:
-    model = model.clone(block_barrier=False)
+    method.model = method.model.clone(block_barrier=False)
     options = {}
-  state = train.create_train_state(config, model, jax.random.key(0), mesh)
-  step = train.create_train_step(config, model, mesh,
+  state = train.create_train_state(config, method, jax.random.key(0), mesh)
+  step = train.create_train_step(config, method, mesh,
                                  compiler_options=options)
   batch = sharding.to_global(random_batch(config), mesh, 1)
+  key = train.step_key(config)
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = step.lower(state, batch, key).compile()
   compile_s = time.perf_counter() - t0
-  state, scalars = compiled(state, batch)  # warm-up
+  state, scalars = compiled(state, batch, key)  # warm-up
   jax.block_until_ready(scalars)
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
-    state, scalars = compiled(state, batch)
+    state, scalars = compiled(state, batch, key)
     jax.block_until_ready(scalars)
     times.append(time.perf_counter() - t0)
   return compile_s, times, float(scalars["loss"])

@@ -6,6 +6,8 @@ override only what differs, so `lock_config` rejects misspelt keys.
 
 import ml_collections
 
+from plca_jax import methods
+
 
 def domain(name, root="", split="train", *, require_labels=True,
            synthetic_domain="source", num_images=0):
@@ -70,6 +72,10 @@ def get_config():
   """Returns the default ConfigDict."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # The training method (plca_jax/methods): "plca", or a baseline. Each
+  # method with options has its block `config.<method>` (below); PLCA's
+  # losses are `config.loss`.
+  config.method = "plca"
   # Initial weights: a plca_jax workdir or a directory written by
   # `python -m plca_jax.convert`; empty = random initialisation.
   config.init_from = ""
@@ -172,4 +178,8 @@ def get_config():
   # a 730x730 image pair at ~1.2 GB of buffers instead of ~6.6 GB, and is
   # no slower (benchmarks/association.py, README "Performance").
   config.loss.chunk_size = 256
+
+  # The other methods' blocks, declared by their modules.
+  for name, block in methods.default_configs().items():
+    config[name] = block
   return config

@@ -1,9 +1,11 @@
 """orbax checkpoints: train state + data iterator, and `init_from` loading.
 
 Layout: WORKDIR/checkpoints/<step>/{state,data}. `state` is the TrainState
-(params, BatchNorm statistics, optimizer state, step); `data` is the grain
-iterator state of every process, so a resumed run sees exactly the batches
-it would have seen.
+(params, BatchNorm statistics, optimizer state, step, and under "extra" the
+same for each other network of the method, e.g. a discriminator); `data` is
+the grain iterator state of every process, so a resumed run sees exactly
+the batches it would have seen. Checkpoints written before methods had
+other networks (no "extra") restore into a state whose "extra" is empty.
 
 `init_from` points at either a plca_jax workdir (its latest checkpoint's
 params and statistics are used) or a directory holding a StandardCheckpoint
@@ -48,16 +50,39 @@ def save(manager, step, state, data_iterator):
       data=grain.checkpoint.CheckpointSave(data_iterator)))
 
 
+def _saved_tree(manager, step):
+  """The metadata tree of the state saved at `step` (no arrays read)."""
+  path = epath.Path(manager.directory) / str(step) / "state"
+  return ocp.StandardCheckpointer().metadata(path).item_metadata
+
+
 def restore(manager, step, abstract_state, data_iterator):
   """Restores `step` into `abstract_state` (with shardings) and the iterator.
+
+  Raises ValueError naming both sets when the saved networks differ from
+  the method's (e.g. resuming an adaptsegnet workdir with another method).
 
   Returns:
     the restored state; `data_iterator` is restored in place.
   """
+  saved = _saved_tree(manager, step)
+  target = abstract_state
+  if "extra" not in saved:  # written before methods had other networks
+    target = {k: getattr(abstract_state, k) for k in sorted(saved.keys())}
+  saved_networks = sorted(saved.get("extra") or {})
+  wanted = sorted(abstract_state.extra)
+  if saved_networks != wanted:
+    raise ValueError(
+        f"checkpoint {manager.directory}/{step} holds the networks "
+        f"{['segmentation', *saved_networks]} but the method trains "
+        f"{['segmentation', *wanted]}: resume with the config.method it was "
+        "written with, or use another workdir")
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(data_iterator)))
-  return restored["state"]
+      state=ocp.args.StandardRestore(target),
+      data=grain.checkpoint.CheckpointRestore(data_iterator)))["state"]
+  if isinstance(target, dict):
+    return abstract_state.replace(**restored)
+  return restored
 
 
 def _flat(tree):

@@ -126,12 +126,14 @@ def evaluate_and_write(config, model, variables, mesh, writer, step,
   return scores
 
 
-def evaluate_checkpoint(config, workdir):
+def evaluate_checkpoint(config, workdir, model=None):
   """Eval-only run: WORKDIR's latest checkpoint, else `config.init_from`.
 
+  `model` is the segmentation network of the method that wrote it
+  (`methods.get_method(config).model`; default `models.get_model(config)`).
   Writes eval/... metrics at the checkpoint's step and prints the table.
   """
-  model = models.get_model(config)
+  model = model or models.get_model(config)
   mesh = sharding.create_mesh()
   init = jax.eval_shape(lambda r: model.init(
       r, jnp.zeros((1, *config.data.eval_image_size, 3))), jax.random.key(0))

@@ -15,6 +15,7 @@ import jax
 from ml_collections import config_flags
 
 from plca_jax import evaluate
+from plca_jax import methods
 from plca_jax import train
 
 FLAGS = flags.FLAGS
@@ -60,7 +61,9 @@ def main(argv):
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(config.to_json_best_effort(indent=2))
   if FLAGS.mode == "eval":
-    evaluate.evaluate_checkpoint(config, workdir)
+    method = methods.get_method(config)
+    train.warn_protocol(config, method)
+    evaluate.evaluate_checkpoint(config, workdir, method.model)
   else:
     train.train_and_evaluate(
         config, workdir, evaluate_during_training=FLAGS.mode != "train")

@@ -1,12 +1,14 @@
-"""PLCA training: optimizer, train state, the jitted update, the loop.
+"""Training for every method: train state, the jitted update, the loop.
 
 One update (SPEC.md section 3) consumes `config.train.grad_accum_steps`
 micro-batches of `config.train.batch_size` source and as many target images
-(global). Per micro-batch, source and target go through the network as two
-forward passes (per-domain BatchNorm statistics over the global batch), the
-PLCA objective is evaluated, and gradients are averaged over micro-batches;
-then SGD (momentum, L2 weight decay added to gradients,
-poly learning rate with its own horizon, head LR multiplier) updates.
+(global). The method (`config.method`, `plca_jax.methods`) gives, per
+micro-batch, the gradients of each of its parameter trees (PLCA: source
+and target as two forward passes, per-domain BatchNorm statistics over the
+global batch, the PLCA objective); they are averaged over micro-batches and
+each tree's optimizer updates it (the segmentation network: SGD with
+momentum, L2 weight decay added to gradients, poly learning rate with its
+own horizon, head LR multiplier; `plca_jax.optim`).
 """
 
 import functools
@@ -26,204 +28,167 @@ import optax
 
 from plca_jax import checkpointing
 from plca_jax import evaluate
-from plca_jax import losses
+from plca_jax import methods
 from plca_jax import metrics as metrics_lib
-from plca_jax import models
+from plca_jax import optim
 from plca_jax import sharding
 from plca_jax import writers
 from plca_jax import xla
 from plca_jax.data import input_pipeline
-from plca_jax.data import transforms
+from plca_jax.methods import base
 
-HEAD_PATTERN = "classifier"  # parameters the head LR multiplier applies to
-
+# Kept for callers of the pre-methods API.
+create_learning_rate_fn = optim.create_learning_rate_fn
+create_optimizer = optim.create_optimizer
+TRAIN_KEY_STREAM = 1  # step_key: fold_in(key(seed), 1); init uses key(seed)
 
 class TrainState(train_state.TrainState):
+  """The segmentation network's state; `extra` holds the method's other
+  networks, {tree name: TrainState} (empty for PLCA)."""
   batch_stats: Any
-
-
-def create_learning_rate_fn(config):
-  """Poly schedule base * (1 - step / horizon)^power, 0 from the horizon on.
-
-  Not `optax.polynomial_schedule`: under jit on CPU its 0.0 ** 0.9 at the
-  horizon evaluates to NaN, which turns every parameter NaN in that update.
-  """
-  base = config.optim.base_lr
-  horizon = config.optim.schedule_steps
-  power = config.optim.poly_power
-
-  def schedule(step):
-    frac = 1.0 - jnp.minimum(step, horizon) / horizon
-    safe = jnp.where(frac > 0, frac, 1.0)
-    return jnp.where(frac > 0, base * safe**power, 0.0)
-
-  return schedule
-
-
-def create_optimizer(config):
-  """SGD + momentum, L2 decay added to gradients, head LR multiplier."""
-  lr_fn = create_learning_rate_fn(config)
-
-  def sgd(multiplier):
-    return optax.chain(
-        optax.add_decayed_weights(config.optim.weight_decay),
-        optax.sgd(lambda step: multiplier * lr_fn(step),
-                  momentum=config.optim.momentum))
-
-  def labels(params):
-    return flax.traverse_util.path_aware_map(
-        lambda path, _: "head" if HEAD_PATTERN in path else "backbone",
-        params)
-
-  return optax.multi_transform(
-      {"backbone": sgd(1.0), "head": sgd(config.optim.head_lr_mult)},
-      labels)
+  extra: Any = flax.struct.field(default_factory=dict)
 
 
 def image_shape(config):
   return (1, *config.data.crop_size, 3)
 
 
-def create_train_state(config, model, rng, mesh):
-  """Initialises the train state straight onto the mesh.
+def create_train_state(config, method, rng, mesh):
+  """Initialises the train state of every tree of `method` onto the mesh.
 
-  With `config.init_from`, its variables replace the initial ones (leaves
-  matching `config.init_allow_missing` may keep their initial values).
+  The segmentation network initialises from `rng`, the k-th other network
+  (k = 1, 2, ...) from `fold_in(rng, k)`. With `config.init_from`, its variables replace the
+  segmentation network's initial ones (leaves matching
+  `config.init_allow_missing` may keep their initial values).
   """
-  tx = create_optimizer(config)
   replicated = sharding.replicated(mesh)
+  networks = {base.SEGMENTATION: (method.model, (jnp.zeros(image_shape(
+      config)),)), **method.extra_networks()}
 
   def init(rng):
-    variables = model.init(rng, jnp.zeros(image_shape(config)), train=False)
-    return {"params": variables["params"],
-            "batch_stats": variables["batch_stats"]}
+    out = {}
+    for k, (name, (module, inputs)) in enumerate(networks.items()):
+      key = rng if k == 0 else jax.random.fold_in(rng, k)
+      variables = module.init(key, *inputs, train=False)
+      out[name] = {"params": variables["params"],
+                   "batch_stats": variables.get("batch_stats", {})}
+    return out
 
   variables = jax.jit(init, out_shardings=replicated)(rng)
   if config.init_from:
-    variables = jax.device_put(checkpointing.load_variables(
-        config.init_from, variables, config.init_allow_missing), replicated)
+    variables[base.SEGMENTATION] = jax.device_put(
+        checkpointing.load_variables(config.init_from,
+                                     variables[base.SEGMENTATION],
+                                     config.init_allow_missing), replicated)
 
   def build(variables):
-    return TrainState.create(apply_fn=model.apply, tx=tx, **variables)
+    states = {name: TrainState.create(
+        apply_fn=networks[name][0].apply, tx=method.create_optimizer(name),
+        **variables[name]) for name in networks}
+    return states.pop(base.SEGMENTATION).replace(extra=states)
 
   return jax.jit(build, out_shardings=replicated)(variables)
 
 
-def micro_batch_loss(params, batch_stats, micro, *, model, config):
-  """Loss of one micro-batch: (total, (terms, new batch_stats)).
-
-  `micro` is {"source": {"image", "label"}, "target": {...}} with uint8
-  images (N, H, W, 3); the parameters are what gradients are taken of.
-  """
-  images = [transforms.encode(micro[d]["image"], config.data.encoding)
-            for d in ("source", "target")]
-  out_s, updates = model.apply(
-      {"params": params, "batch_stats": batch_stats}, images[0], train=True,
-      mutable=["batch_stats"])
-  out_t, updates = model.apply(
-      {"params": params, "batch_stats": updates["batch_stats"]}, images[1],
-      train=True, mutable=["batch_stats"])
-  labels = micro["source"]["label"].astype(jnp.int32)
-  # Target labels, when the config loads them (synthetic data, analysis),
-  # feed only the "*_correct" association statistics, never a loss.
-  target_labels = (micro["target"]["label"].astype(jnp.int32)
-                   if config.data.target.require_labels else None)
-  total, terms = losses.total_loss(config, out_s, out_t, labels,
-                                   target_labels)
-  if _pseudo_pairing(config):
-    terms["target_classes"] = jax.lax.stop_gradient(predicted_class_sets(
-        out_t["logits"], config.data.pairing_min_share))
-  return total, (terms, updates["batch_stats"])
-
-
-def _pseudo_pairing(config):
-  return (config.data.pairing == "class_overlap" and
-          config.data.pairing_target_classes == "pseudo")
-
-
-def predicted_class_sets(logits, min_share):
-  """(N, M) bool: the classes predicted on >= `min_share` of each grid."""
-  pred = jnp.argmax(logits, axis=-1).reshape(logits.shape[0], -1)
-  share = jnp.mean(jax.nn.one_hot(pred, logits.shape[-1], dtype=jnp.float32),
-                   axis=1)
-  return share >= min_share
-
-
-def train_step(state, batch, *, model, config):
-  """One optimizer update over K stacked micro-batches.
+def train_step(state, batch, rng, *, method):
+  """One optimizer update of every tree over K stacked micro-batches.
 
   Args:
     state: TrainState.
-    batch: {"source": {"image": uint8 (K, B, H, W, 3), "label": (K, B, H,
-      W)}, "target": {"image": ...}} with B the global batch.
+    batch: {domain: {field: (K, B, ...)}} with B the global batch and the
+      method's `batch_fields`.
+    rng: a key; micro-batch i of the update at step s gets
+      `fold_in(fold_in(rng, s), i)`, so a resumed run draws the same numbers.
 
   Returns:
-    (new state, dict of scalar metrics averaged over the micro-batches;
-    with class-overlap pairing on pseudo-labels also "target_classes", the
-    (K, B, M) predicted class sets of the target images).
+    (new state, dict of scalar metrics averaged over the micro-batches, plus
+    "grad_norm" (and "<tree>_grad_norm" per other tree); with class-overlap
+    pairing on pseudo-labels also "target_classes", the (K, B, M) predicted
+    class sets of the target images).
   """
-  grad_fn = jax.value_and_grad(
-      functools.partial(micro_batch_loss, model=model, config=config),
-      has_aux=True)
+  trees = {base.SEGMENTATION: state, **state.extra}
+  rng = jax.random.fold_in(rng, state.step)
   # A Python loop over the K (static, small) micro-batches: on XLA:CPU a
   # lax.scan, even unrolled, made the demo's update 3x slower (1.42 s vs
   # 0.46 s). Gradients are summed as they come; BatchNorm statistics thread
   # through the micro-batches in order.
-  k = batch["source"]["image"].shape[0]
-  grads, batch_stats, terms = None, state.batch_stats, []
+  k = jax.tree.leaves(batch)[0].shape[0]
+  grads, stats, terms = None, {n: t.batch_stats for n, t in trees.items()}, []
   for i in range(k):
-    micro = {d: {key: batch[d][key][i] for key in ("image", "label")}
-             for d in ("source", "target")}
-    (loss, (micro_terms, batch_stats)), micro_grads = grad_fn(
-        state.params, batch_stats, micro)
+    micro = jax.tree.map(lambda x, i=i: x[i], batch)
+    variables = {n: {"params": t.params, "batch_stats": stats[n]}
+                 for n, t in trees.items()}
+    micro_grads, new_stats, scalars = method.micro_batch_grads(
+        variables, micro, jax.random.fold_in(rng, i), state.step)
+    stats.update(new_stats)
     grads = micro_grads if grads is None else jax.tree.map(
         jnp.add, grads, micro_grads)
-    terms.append({"loss": loss, **micro_terms})
+    terms.append(scalars)
   grads = jax.tree.map(lambda g: g / k, grads)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  new = {n: (t.apply_gradients(grads=grads[n], batch_stats=stats[n])
+             if n in grads else t.replace(batch_stats=stats[n]))
+         for n, t in trees.items()}
+  new_state = new.pop(base.SEGMENTATION).replace(extra=new)
   classes = [t.pop("target_classes") for t in terms if "target_classes" in t]
   scalars = jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *terms)
-  scalars["grad_norm"] = optax.tree.norm(grads)
+  for name, tree_grads in grads.items():
+    key = ("" if name == base.SEGMENTATION else f"{name}_") + "grad_norm"
+    scalars[key] = optax.tree.norm(tree_grads)
   if classes:  # (K, B, M): for the host's class-overlap pairing table
     scalars["target_classes"] = jnp.stack(classes)
   return new_state, scalars
 
 
-def create_train_step(config, model, mesh, compiler_options=None):
-  """The jitted, sharded update `(state, batch) -> (state, scalars)`.
+def create_train_step(config, method, mesh, compiler_options=None):
+  """The jitted, sharded update `(state, batch, rng) -> (state, scalars)`.
 
-  The state is replicated and donated, the batch sharded on its batch axis
-  (axis 1: K micro-batches x global batch); backend-specific compiler
-  options come from `plca_jax.xla` unless `compiler_options` is given.
-  Main and the benchmarks use this one function.
+  The state and key are replicated, the state donated, the batch sharded
+  on its batch axis (axis 1: K micro-batches x global batch);
+  backend-specific compiler options come from `plca_jax.xla` unless
+  `compiler_options` is given. Main, the benchmarks and the tests use this
+  one function.
   """
+  del config  # the method holds it
   if compiler_options is None:
     compiler_options = xla.compiler_options()
   replicated = sharding.replicated(mesh)
   return jax.jit(
-      functools.partial(train_step, model=model, config=config),
-      in_shardings=(replicated, sharding.batch_sharding(mesh, 1)),
+      functools.partial(train_step, method=method),
+      in_shardings=(replicated, sharding.batch_sharding(mesh, 1),
+                    replicated),
       out_shardings=(replicated, replicated), donate_argnums=(0,),
       compiler_options=compiler_options)
 
 
+def step_key(config):
+  """The key `train_step` folds the step into (derived from the seed)."""
+  return jax.random.fold_in(jax.random.key(config.seed), TRAIN_KEY_STREAM)
+
+
 def is_finite(state):
-  """True if every parameter is finite (one scalar reduction)."""
-  return bool(jnp.isfinite(optax.tree.norm(state.params)))
+  """True if every parameter of every tree is finite (one reduction)."""
+  trees = [state.params] + [t.params for t in state.extra.values()]
+  return bool(jnp.isfinite(optax.tree.norm(trees)))
 
 
-def next_update_batch(iterator, steps):
-  """Stacks `steps` micro-batches: leaves (K, B_local, ...); names dropped.
+DEFAULT_FIELDS = {d: ("image", "label") for d in base.DOMAINS}
 
-  With class-overlap pairing the result also has "pairing" (host-side
-  statistics of the choice; not an input of the train step).
+
+def next_update_batch(iterator, steps, fields=None):
+  """Stacks `steps` micro-batches: leaves (K, B_local, ...).
+
+  Only `fields` ({domain: names}, a method's `batch_fields`; image and
+  label by default) are kept. With class-overlap pairing the result also
+  has "pairing" (host-side statistics of the choice; not an input of the
+  train step).
   """
+  fields = DEFAULT_FIELDS if fields is None else fields
   micro = [next(iterator) for _ in range(steps)]
   skipped = sum(int(np.sum(m[d]["skipped"])) for m in micro
-                for d in ("source", "target"))
+                for d in base.DOMAINS)
   stacked = {d: {key: np.stack([m[d][key] for m in micro])
-                 for key in ("image", "label")}
-             for d in ("source", "target")}
+                 for key in fields[d]}
+             for d in base.DOMAINS}
   if "pairing" in micro[0]:  # class-overlap pairing: host-side statistics
     stacked["pairing"] = {key: np.stack([m["pairing"][key] for m in micro])
                           for key in micro[0]["pairing"]}
@@ -280,14 +245,18 @@ def _hparams(config):
           for k, v in flat.items()}
 
 
-def _write_train_metrics(writer, step, collection, skipped, lr_fn):
+def _write_train_metrics(writer, step, collection, skipped, method):
   """Computes the merged metrics (one host sync), checks, writes."""
   values = {f"train/{k}": float(v) for k, v in collection.compute().items()}
-  if not np.isfinite(values["train/loss"]):
+  # The loss first, then any other scalar (e.g. a discriminator's loss).
+  bad = [k for k in ["train/loss", *values] if not np.isfinite(values[k])]
+  if bad:
+    name = bad[0].removeprefix("train/")
     raise FloatingPointError(
-        f"non-finite loss {values['train/loss']} in the steps up to {step}; "
+        f"non-finite {name} {values[bad[0]]} in the steps up to {step}; "
         "stopping. The last checkpoint (before these steps) is intact.")
-  values["train/learning_rate"] = float(lr_fn(step - 1))
+  for name, lr in method.learning_rates(step - 1).items():
+    values[f"train/{name}"] = float(lr)
   values["train/skipped_files"] = skipped
   writer.write_scalars(step, values)
 
@@ -300,6 +269,16 @@ def _checkpoint(manager, step, state, iterator):
   checkpointing.save(manager, step, state, iterator)
 
 
+def warn_protocol(config, method):
+  """Warns when PLCA's test-time aggregation evaluates another method."""
+  if config.eval.aggregate and not method.test_time_aggregation:
+    logging.warning(
+        "config.eval.aggregate=True evaluates %s with PLCA's test-time "
+        "spatial aggregation, which its authors do not use; set "
+        "--config.eval.aggregate=False for the method's own protocol.",
+        method.name)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        *, evaluate_during_training=True):
   """Trains (resuming from WORKDIR/checkpoints) and evaluates; returns state."""
@@ -307,11 +286,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.create_mesh()
   sharding.check_batch_divides(config.train.batch_size, mesh)
   writer = writers.create_writer(workdir, process_index)
-  model = models.get_model(config)
+  method = methods.get_method(config)
+  model = method.model
+  warn_protocol(config, method)
 
   # Data.
-  train_iter = input_pipeline.create_train_iterator(config, process_index,
-                                                    process_count)
+  train_iter = input_pipeline.create_train_iterator(
+      config, process_index, process_count, wrap_source=method.wrap_source)
+  fields = {d: method.batch_fields(d) for d in base.DOMAINS}
 
   # Model and optimizer: resume, else init_from, else scratch.
   manager = checkpointing.create_manager(workdir,
@@ -321,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if latest is not None:  # the checkpoint replaces any init_from
     config = config.copy_and_resolve_references()
     config.init_from = ""
-  state = create_train_state(config, model, rng, mesh)
+  state = create_train_state(config, method, rng, mesh)
   if latest is not None:
     logging.info("Resuming from %s step %d", manager.directory, latest)
     state = checkpointing.restore(manager, latest, state, train_iter)
@@ -330,9 +312,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.write_hparams(_hparams(config))
 
   # The jitted update.
-  step_fn = create_train_step(config, model, mesh)
+  step_fn = create_train_step(config, method, mesh)
+  train_key = step_key(config)
   eval_step_fn = evaluate.create_eval_step(config, model, mesh)
-  lr_fn = create_learning_rate_fn(config)
   num_steps = config.train.num_steps
   hooks = []
   report = periodic_actions.ReportProgress(
@@ -348,10 +330,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     for step in range(start_step + 1, num_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch, n_skipped = next_update_batch(train_iter,
-                                             config.train.grad_accum_steps)
+        batch, n_skipped = next_update_batch(
+            train_iter, config.train.grad_accum_steps, fields)
         pairing_info = batch.pop("pairing", None)
-        state, scalars = step_fn(state, sharding.to_global(batch, mesh, 1))
+        state, scalars = step_fn(state, sharding.to_global(batch, mesh, 1),
+                                 train_key)
       skipped += n_skipped
       if pairing_info is not None:
         scalars = _observe_pairing(train_iter, scalars, pairing_info,
@@ -365,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         hook(step)
       last = step == num_steps
       if step % config.train.log_every == 0 or last:
-        _write_train_metrics(writer, step, collection, skipped, lr_fn)
+        _write_train_metrics(writer, step, collection, skipped, method)
         collection, skipped = None, 0
       stop = preemption.requested or manager.reached_preemption(step)
       if step % config.train.checkpoint_every == 0 or last or stop:

@@ -8,7 +8,6 @@ multidevice_test.py, which starts it in a subprocess because the device
 count is fixed when JAX starts).
 """
 
-import functools
 import json
 import re
 
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import test as test_config
-from plca_jax import models
+from plca_jax import methods
 from plca_jax import sharding
 from plca_jax import train
 from plca_jax.data import input_pipeline
@@ -42,19 +41,16 @@ def one_update(config, state, batch, devices):
   the whole global axis: quadratic work, see losses.segmentation).
   """
   mesh = sharding.create_mesh(devices)
-  model = models.get_model(config)
   state = jax.device_put(state, sharding.replicated(mesh))
-  step = jax.jit(functools.partial(train.train_step, model=model,
-                                   config=config),
-                 in_shardings=(sharding.replicated(mesh),
-                               sharding.batch_sharding(mesh, 1)))
+  step = train.create_train_step(config, methods.get_method(config), mesh)
   batch = sharding.to_global(batch, mesh, 1)
-  hlo = step.lower(state, batch).compile().as_text()
+  key = train.step_key(config)
+  hlo = step.lower(state, batch, key).compile().as_text()
   gathers = re.findall(r"= (\w+\[[\d,]*\])\S* all-gather\(", hlo)
   windows = [int(np.prod([int(d) for d in w.split("x")]))
              for w in re.findall(r"reduce-window\(.*?window=\{size=([\dx]+)",
                                  hlo)]
-  new_state, scalars = step(state, batch)
+  new_state, scalars = step(state, batch, key)
   return jax.device_get((new_state.params, new_state.batch_stats,
                          scalars)) + ({"all_gathers": gathers,
                                        "max_window": max(windows, default=0)},)
@@ -67,7 +63,7 @@ def main():
   config.train.grad_accum_steps = 2
   mesh1 = sharding.create_mesh(jax.devices()[:1])
   state = jax.device_get(train.create_train_state(
-      config, models.get_model(config), jax.random.key(0), mesh1))
+      config, methods.get_method(config), jax.random.key(0), mesh1))
   batch, _ = train.next_update_batch(
       input_pipeline.create_train_iterator(config), 2)
   p1, s1, m1, _ = one_update(config, state, batch, jax.devices()[:1])

@@ -18,6 +18,9 @@ from configs import default as default_config
 from configs import test as test_config
 from plca_jax import checkpointing
 from plca_jax import evaluate
+from plca_jax import methods
+from plca_jax import models
+from plca_jax import optim
 from plca_jax import train
 from plca_jax import writers
 from tests import fixtures
@@ -27,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _params(workdir, config):
   """Parameters of the latest checkpoint in `workdir`, as NumPy."""
-  model = train.models.get_model(config)
+  model = models.get_model(config)
   init = jax.eval_shape(lambda r: model.init(
       r, jnp.zeros(train.image_shape(config)), train=False),
                         jax.random.key(0))
@@ -47,7 +50,7 @@ class OptimizerTest(absltest.TestCase):
     config.optim.schedule_steps = 10
     config.optim.head_lr_mult = 10.0
     config.optim.weight_decay = 0.5
-    lr = train.create_learning_rate_fn(config)
+    lr = optim.create_learning_rate_fn(config)
     for step in (0, 3, 9, 10, 12):
       expected = 0.1 * max(0.0, 1 - step / 10) ** 0.9
       np.testing.assert_allclose(lr(step), expected, rtol=1e-6, atol=1e-9)
@@ -56,7 +59,7 @@ class OptimizerTest(absltest.TestCase):
                                  rtol=1e-6, atol=1e-9)
     params = {"backbone": {"w": jnp.ones(2)}, "classifier": {"w": jnp.ones(2)}}
     grads = jax.tree.map(jnp.ones_like, params)
-    tx = train.create_optimizer(config)
+    tx = optim.create_optimizer(config)
     opt_state = tx.init(params)
     # PyTorch SGD: d = g + wd * p; buf = momentum * buf + d; p -= lr * buf.
     p_backbone, p_head, buf_b, buf_h = 1.0, 1.0, 0.0, 0.0
@@ -112,7 +115,7 @@ class TrainAndEvaluateTest(absltest.TestCase):
     # A new run initialised from this workdir starts from its parameters.
     fresh = test_config.get_config()
     fresh.init_from = workdir
-    started = train.create_train_state(fresh, train.models.get_model(fresh),
+    started = train.create_train_state(fresh, methods.get_method(fresh),
                                        jax.random.key(1),
                                        train.sharding.create_mesh())
     self.assertEqual(int(started.step), 0)
@@ -120,7 +123,7 @@ class TrainAndEvaluateTest(absltest.TestCase):
                               _params(workdir, config)), 1e-7)
     fresh.init_from = os.path.join(workdir, "nothing")
     with self.assertRaisesRegex(FileNotFoundError, "nothing"):
-      train.create_train_state(fresh, train.models.get_model(fresh),
+      train.create_train_state(fresh, methods.get_method(fresh),
                                jax.random.key(1),
                                train.sharding.create_mesh())
 
@@ -163,8 +166,8 @@ class TrainAndEvaluateTest(absltest.TestCase):
     config.train.checkpoint_every = 1
     original = train.train_step
 
-    def diverging_step(state, batch, **kwargs):
-      new_state, scalars = original(state, batch, **kwargs)
+    def diverging_step(state, batch, rng, **kwargs):
+      new_state, scalars = original(state, batch, rng, **kwargs)
       nan = jnp.where(state.step >= 2, jnp.nan, 0.0)  # from the 3rd update
       new_state = new_state.replace(
           params=jax.tree.map(lambda p: p + nan, new_state.params))

@@ -125,11 +125,14 @@ def _read_options(data_config):
                            prefetch_buffer_size=data_config.prefetch_batches)
 
 
-def create_train_iterator(config, process_index=0, process_count=1):
+def create_train_iterator(config, process_index=0, process_count=1,
+                          wrap_source=None):
   """Iterator of paired batches {"source": batch, "target": batch}.
 
   Each process gets `config.train.batch_size / process_count` images per
-  domain per batch, from its own shard of each dataset. With
+  domain per batch, from its own shard of each dataset. `wrap_source(domain,
+  source)`, if given, may wrap each domain's data source to add fields to
+  its records (a method's host-side inputs, e.g. pseudo-labels). With
   `config.data.pairing = "class_overlap"` the iterator is a
   `pairing.OverlapPairingIterator` (batches also carry "pairing"; call its
   `observe` after each update).
@@ -141,8 +144,11 @@ def create_train_iterator(config, process_index=0, process_count=1):
   num_classes = config.model.num_classes
   batch = local_batch_size(config.train.batch_size, process_count)
   sources, streams = [], []
-  for k, domain in enumerate((data.source, data.target)):
+  for k, (name, domain) in enumerate((("source", data.source),
+                                      ("target", data.target))):
     sources.append(create_source(domain, data, num_classes))
+    if wrap_source is not None:
+      sources[-1] = wrap_source(name, sources[-1])
     # Distinct seeds: the two streams are independent random orders.
     streams.append(train_stream(sources[-1], data, config.seed * 2 + k,
                                 process_index, process_count))

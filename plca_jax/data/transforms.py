@@ -1,7 +1,10 @@
 """grain transforms of SPEC.md sections 4 and 5, one job per class.
 
 Elements are dicts with "image" uint8 (H, W, 3) RGB and "label" uint8 (H, W).
-Resizing uses Pillow like the authors' release (torchvision on PIL images):
+Every other 2-D array field whose name ends in "label" (e.g. a method's
+"pseudo_label") is a label map of the image's size and goes through the same
+geometric transforms as "label" (nearest resize, flip, crop with IGNORE
+padding). Resizing uses Pillow like the authors' release (torchvision on PIL images):
 bilinear for images (antialiased when shrinking), nearest for labels.
 Randomness comes only from the `rng` grain passes to `random_map`.
 """
@@ -33,6 +36,12 @@ def resize_label(label, height, width):
                                                   Image.NEAREST))
 
 
+def label_keys(element):
+  """The label-map fields: "label" and any other 2-D "*label" array."""
+  return [k for k, v in element.items()
+          if k.endswith("label") and getattr(v, "ndim", 0) == 2]
+
+
 def shorter_edge_size(height, width, size):
   """(h, w) with the shorter edge `size`, like torchvision's F.resize(int)."""
   if height <= width:
@@ -49,8 +58,10 @@ class RandomResizeShorter(grain.transforms.RandomMap):
   def random_map(self, element, rng):
     size = int(rng.integers(self.min_size, self.max_size + 1))
     h, w = shorter_edge_size(*element["label"].shape, size)
-    return {**element, "image": resize_image(element["image"], h, w),
-            "label": resize_label(element["label"], h, w)}
+    out = {**element, "image": resize_image(element["image"], h, w)}
+    for key in label_keys(element):
+      out[key] = resize_label(element[key], h, w)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +72,10 @@ class RandomHorizontalFlip(grain.transforms.RandomMap):
   def random_map(self, element, rng):
     if rng.random() >= self.prob:
       return element
-    return {**element, "image": element["image"][:, ::-1],
-            "label": element["label"][:, ::-1]}
+    out = {**element, "image": element["image"][:, ::-1]}
+    for key in label_keys(element):
+      out[key] = element[key][:, ::-1]
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,19 +88,20 @@ class RandomCropPad(grain.transforms.RandomMap):
   width: int
 
   def random_map(self, element, rng):
-    image, label = element["image"], element["label"]
-    h, w = label.shape
+    keys = label_keys(element)
+    maps = {"image": element["image"], **{k: element[k] for k in keys}}
+    h, w = element["label"].shape
     ph, pw = max(self.height - h, 0), max(self.width - w, 0)
     if ph or pw:
-      image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
-      label = np.pad(label, ((0, ph), (0, pw)),
-                     constant_values=labels_lib.IGNORE)
-      h, w = label.shape
+      maps["image"] = np.pad(maps["image"], ((0, ph), (0, pw), (0, 0)))
+      for k in keys:
+        maps[k] = np.pad(maps[k], ((0, ph), (0, pw)),
+                         constant_values=labels_lib.IGNORE)
+      h, w = maps["label"].shape
     top = int(rng.integers(0, h - self.height + 1))
     left = int(rng.integers(0, w - self.width + 1))
-    return {**element,
-            "image": image[top:top + self.height, left:left + self.width],
-            "label": label[top:top + self.height, left:left + self.width]}
+    return {**element, **{k: v[top:top + self.height, left:left + self.width]
+                          for k, v in maps.items()}}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,10 @@ class DeepLabV2(nn.Module):
   With `train=True` BatchNorm uses batch statistics and updates
   `batch_stats` (pass `mutable=["batch_stats"]`).
   `model.apply(variables, features, method="classify")` applies the head
-  alone (test-time aggregation transforms the features first).
+  alone (test-time aggregation transforms the features first). With
+  `aux_head=True` (AdaptSegNet's multi-level variant) a second ASPP head of
+  the same form on the layer3 features adds "aux_logits" (N, h, w,
+  num_classes).
   """
   num_classes: int
   depth: int = 101
@@ -47,17 +50,26 @@ class DeepLabV2(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"  # see resnet.ResNet
   block_barrier: bool = False
+  aux_head: bool = False
 
   def setup(self):
     self.backbone = resnet.ResNet(depth=self.depth, width=self.width,
                                   dtype=self.dtype, remat=self.remat,
-                                  block_barrier=self.block_barrier)
+                                  block_barrier=self.block_barrier,
+                                  return_layer3=self.aux_head)
     self.classifier = ASPPHead(self.num_classes, self.aspp_rates,
                                dtype=self.dtype)
+    if self.aux_head:
+      self.aux_classifier = ASPPHead(self.num_classes, self.aspp_rates,
+                                     dtype=self.dtype)
 
   def classify(self, features):
     return self.classifier(features)
 
   def __call__(self, images, train: bool = False):
-    features = self.backbone(images, train)
-    return {"features": features, "logits": self.classifier(features)}
+    if not self.aux_head:
+      features = self.backbone(images, train)
+      return {"features": features, "logits": self.classifier(features)}
+    layer3, features = self.backbone(images, train)
+    return {"features": features, "logits": self.classifier(features),
+            "aux_logits": self.aux_classifier(layer3)}

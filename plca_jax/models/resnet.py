@@ -149,6 +149,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"
   block_barrier: bool = False
+  return_layer3: bool = False  # return (layer3 output, layer4 output)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -172,6 +173,7 @@ class ResNet(nn.Module):
 
     in_channels = self.width
     prev_dilation = 1
+    layer3 = None
     for i, num_blocks in enumerate(layers):
       planes = self.width * 2**i
       dilation = self.layer_dilations[i]
@@ -191,4 +193,6 @@ class ResNet(nn.Module):
         if self.block_barrier:
           x = jax.lax.optimization_barrier(x)
         in_channels = out_channels
-    return x
+      if i == 2:
+        layer3 = x
+    return (layer3, x) if self.return_layer3 else x

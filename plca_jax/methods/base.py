@@ -1,0 +1,135 @@
+"""The method seam: what a training method declares, and shared helpers.
+
+A method is a subclass of `Method` in its own module under
+`plca_jax/methods/`, registered in `plca_jax/methods/__init__.py`. It
+declares
+
+- `name` and `default_config()`: its config block, `config.<name>` (added to
+  every config by `configs/default.py`; None for none);
+- its networks: `model` (the segmentation network, which evaluation,
+  checkpoints' "params"/"batch_stats" and `init_from` use) and
+  `extra_networks()`, {tree name: (flax module, example inputs)} for the
+  others (e.g. a discriminator), each with its own optimizer
+  (`create_optimizer(tree)`) and learning-rate schedule (`learning_rates`);
+- its inputs: `batch_fields(domain)`, the arrays of each domain's batch the
+  update reads, and `wrap_source(domain, source)`, a host-side hook that
+  adds fields to a domain's records (e.g. pseudo-labels read from disk;
+  every field whose name ends in "label" is resized, flipped and cropped
+  like the label);
+- its update: `micro_batch_grads(variables, micro, rng, step)`, the
+  gradients of
+  each of its parameter trees for one micro-batch, the new BatchNorm
+  statistics and scalars to log.
+
+`plca_jax.train` does the rest for every method alike: the train state of
+every tree, the jitted and sharded step (micro-batch accumulation, one
+optimizer update per tree, a per-step random key), checkpoints, NaN checks,
+logging and evaluation.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from plca_jax import models
+from plca_jax import optim
+from plca_jax.data import transforms
+
+SEGMENTATION = "segmentation"  # the tree name of the segmentation network
+DOMAINS = ("source", "target")
+
+
+class Method:
+  """Base class: a segmentation network trained with SGD; no update."""
+
+  name = ""
+  # Whether the method's own evaluation protocol uses PLCA's test-time
+  # spatial aggregation (`config.eval.aggregate`); only PLCA's does.
+  test_time_aggregation = False
+
+  def __init__(self, config):
+    self.config = config
+    self.model = self.create_model()
+
+  @staticmethod
+  def default_config():
+    """The method's config block (a ConfigDict), or None."""
+    return None
+
+  @property
+  def block(self):
+    """This method's config block, `config.<name>`."""
+    return self.config[self.name]
+
+  # Networks and optimizers.
+
+  def create_model(self):
+    """The segmentation network (evaluated, checkpointed as "params")."""
+    return models.get_model(self.config)
+
+  def extra_networks(self) -> dict[str, tuple[Any, tuple[Any, ...]]]:
+    """{tree: (module, example init inputs)} of the other networks."""
+    return {}
+
+  def create_optimizer(self, tree):
+    """The optax transformation of a parameter tree."""
+    if tree != SEGMENTATION:
+      raise NotImplementedError(f"{type(self).__name__} has no optimizer "
+                                f"for tree {tree!r}")
+    return optim.create_optimizer(self.config)
+
+  def learning_rates(self, step):
+    """{scalar name: learning rate at `step`} for the training log."""
+    return {"learning_rate": optim.create_learning_rate_fn(self.config)(step)}
+
+  # Inputs.
+
+  def batch_fields(self, domain):
+    """Names of the arrays of a domain's batch the update reads."""
+    del domain
+    return ("image", "label")
+
+  def wrap_source(self, domain, source):
+    """Host-side hook: a data source adding fields to `domain`'s records."""
+    del domain
+    return source
+
+  # The update.
+
+  def micro_batch_grads(self, variables, micro, rng, step):
+    """Gradients of every parameter tree for one micro-batch.
+
+    Args:
+      variables: {tree: {"params": ..., "batch_stats": ...}}.
+      micro: {domain: {field: array (B, ...)}} with the `batch_fields`.
+      rng: a key for this micro-batch (a function of seed, step and
+        micro-batch index).
+      step: the update's step (int32 scalar; 0 for the first update).
+
+    Returns:
+      (grads {tree: grads}, batch_stats {tree: new statistics}, scalars
+      {name: scalar}); scalars must include "loss", the segmentation
+      network's objective.
+    """
+    raise NotImplementedError
+
+
+def encode(images, config):
+  """uint8 (or float 0-255) RGB images -> the network's input encoding."""
+  return transforms.encode(images, config.data.encoding)
+
+
+def forward(model, params, batch_stats, images):
+  """Training-mode forward pass: (outputs, new BatchNorm statistics)."""
+  out, updates = model.apply({"params": params, "batch_stats": batch_stats},
+                             images, train=True, mutable=["batch_stats"])
+  return out, updates["batch_stats"]
+
+
+def labels_of(micro, domain, field="label"):
+  return micro[domain][field].astype(jnp.int32)
+
+
+def stop(tree):
+  return jax.lax.stop_gradient(tree)

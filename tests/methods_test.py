@@ -1,0 +1,352 @@
+"""Tests of the method seam and the baselines (plca_jax/methods)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from configs import test as test_config
+from plca_jax import checkpointing
+from plca_jax import methods
+from plca_jax import train
+from plca_jax import writers
+from plca_jax.data import input_pipeline
+from plca_jax.methods import adaptsegnet
+from plca_jax.methods import fda
+from plca_jax.methods import mbt
+from plca_jax.methods import pseudo_labels
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(method, **block):
+  config = test_config.get_config()
+  config.method = method
+  for key, value in block.items():
+    config[method][key] = value
+  return config
+
+
+def _np_bce_logits(x, z):
+  x = np.asarray(x, np.float64)
+  return np.mean(-(z * np.log(1 / (1 + np.exp(-x))) +
+                   (1 - z) * np.log(1 - 1 / (1 + np.exp(-x)))))
+
+
+class RegistryTest(absltest.TestCase):
+
+  def test_misspelt_method_lists_the_methods(self):
+    config = _config("plca")
+    config.method = "adaptsegnt"
+    with self.assertRaisesRegex(ValueError, "'adaptsegnt'.*adaptsegnet, fda, "
+                                "plca, source_only"):
+      methods.get_method(config)
+
+  def test_every_method_block_is_in_the_default_config(self):
+    config = test_config.get_config()
+    for name, cls in methods.METHODS.items():
+      if cls.default_config() is not None:
+        self.assertEqual(config[name].to_dict(),
+                         cls.default_config().to_dict())
+
+
+class AdaptSegNetTest(absltest.TestCase):
+
+  def test_discriminator_shapes_and_parameter_count(self):
+    disc = adaptsegnet.FCDiscriminator()
+    x = jnp.zeros((2, 96, 160, 19))
+    variables = disc.init(jax.random.key(0), x)
+    self.assertEqual(disc.apply(variables, x).shape, (2, 3, 5, 1))
+    # Five 4x4 convs with bias: 19->64->128->256->512->1.
+    chans = [19, 64, 128, 256, 512, 1]
+    expected = sum(16 * a * b + b for a, b in zip(chans, chans[1:]))
+    count = sum(p.size for p in jax.tree.leaves(variables["params"]))
+    self.assertEqual(count, expected)
+    # PyTorch's default init: |w| <= 1/sqrt(fan_in) per layer.
+    w = variables["params"]["conv0"]["kernel"]
+    self.assertLessEqual(float(jnp.max(jnp.abs(w))), 1 / np.sqrt(16 * 19))
+    self.assertGreater(float(jnp.max(jnp.abs(w))), 0.9 / np.sqrt(16 * 19))
+
+  def test_discriminator_matches_a_plain_convolution_stack(self):
+    disc = adaptsegnet.FCDiscriminator(channels=(3, 2))
+    x = jax.random.uniform(jax.random.key(1), (1, 8, 12, 2))
+    params = disc.init(jax.random.key(0), x)["params"]
+    out = np.asarray(disc.apply({"params": params}, x), np.float64)
+    y = np.asarray(x, np.float64)
+    for i in range(3):
+      k = np.asarray(params[f"conv{i}"]["kernel"], np.float64)
+      b = np.asarray(params[f"conv{i}"]["bias"], np.float64)
+      pad = np.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)))
+      h, w = y.shape[1] // 2, y.shape[2] // 2
+      z = np.zeros((1, h, w, k.shape[-1]))
+      for r in range(h):
+        for c in range(w):
+          patch = pad[0, 2 * r:2 * r + 4, 2 * c:2 * c + 4]
+          z[0, r, c] = np.einsum("hwi,hwio->o", patch, k) + b
+      y = np.where(z > 0, z, 0.2 * z) if i < 2 else z
+    np.testing.assert_allclose(out, y, rtol=1e-5, atol=1e-6)
+
+  def test_adversarial_losses_match_a_plain_implementation(self):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 4, 1)) * 3
+    for label in (0.0, 1.0):
+      np.testing.assert_allclose(
+          adaptsegnet.bce_with_logits(jnp.asarray(logits), label),
+          _np_bce_logits(logits, label), rtol=1e-5)
+    disc = adaptsegnet.FCDiscriminator(channels=(4,))
+    p_s = jax.nn.softmax(jnp.asarray(rng.normal(size=(1, 8, 8, 3))), -1)
+    p_t = jax.nn.softmax(jnp.asarray(rng.normal(size=(1, 8, 8, 3))), -1)
+    params = disc.init(jax.random.key(0), p_s)["params"]
+    got = adaptsegnet.discriminator_loss(params, p_s, p_t,
+                                         discriminator=disc)
+    d_s = disc.apply({"params": params}, p_s)
+    d_t = disc.apply({"params": params}, p_t)
+    want = 0.5 * (_np_bce_logits(d_s, 0.0) + _np_bce_logits(d_t, 1.0))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+  def test_update_trains_both_trees_and_the_generator_only_by_its_loss(self):
+    config = _config("adaptsegnet")
+    method = methods.get_method(config)
+    mesh = train.sharding.create_mesh()
+    state = train.create_train_state(config, method, jax.random.key(0), mesh)
+    self.assertEqual(sorted(state.extra), ["aux_discriminator",
+                                           "discriminator"])
+    self.assertIn("aux_classifier", state.params)
+    before = jax.device_get(state)
+    batch, _ = train.next_update_batch(
+        input_pipeline.create_train_iterator(config), 2,
+        {d: method.batch_fields(d) for d in ("source", "target")})
+    step = train.create_train_step(config, method, mesh)
+    state, scalars = step(state, batch, train.step_key(config))
+    for name in ("discriminator", "aux_discriminator"):
+      self.assertEqual(int(state.extra[name].step), 1)
+      changed = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
+                             jax.device_get(state.extra[name].params),
+                             before.extra[name].params)
+      self.assertGreater(max(jax.tree.leaves(changed)), 0)
+    for key in ("ce", "aux_ce", "adv", "aux_adv", "d_loss", "aux_d_loss",
+                "discriminator_grad_norm"):
+      self.assertTrue(np.isfinite(float(scalars[key])), key)
+    expected = (scalars["ce"] + 0.1 * scalars["aux_ce"] +
+                0.001 * scalars["adv"] + 0.0002 * scalars["aux_adv"])
+    np.testing.assert_allclose(scalars["loss"], expected, rtol=1e-5)
+
+
+class FDATest(absltest.TestCase):
+
+  def _np_transfer(self, src, trg, beta):
+    """The formula, per image and channel, in NumPy float64."""
+    out = np.empty_like(src)
+    h, w = src.shape[1:3]
+    b = int(np.floor(min(h, w) * beta))
+    for n in range(src.shape[0]):
+      for c in range(src.shape[3]):
+        fs, ft = np.fft.fft2(src[n, :, :, c]), np.fft.fft2(trg[n, :, :, c])
+        amp, pha = np.abs(fs), np.angle(fs)
+        amp_t = np.abs(ft)
+        for rows in (slice(0, b), slice(h - b, h)):
+          for cols in (slice(0, b), slice(w - b, w)):
+            amp[rows, cols] = amp_t[rows, cols]
+        out[n, :, :, c] = np.real(np.fft.ifft2(amp * np.exp(1j * pha)))
+    return out
+
+  def test_spectral_transfer_matches_numpy(self):
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 255, (2, 20, 30, 3))
+    trg = rng.uniform(0, 255, (2, 20, 30, 3))
+    for beta in (0.01, 0.05, 0.09, 0.2):
+      got = fda.spectral_transfer(jnp.asarray(src), jnp.asarray(trg), beta)
+      np.testing.assert_allclose(np.asarray(got, np.float64),
+                                 self._np_transfer(src, trg, beta),
+                                 rtol=1e-4, atol=1e-2)
+    # beta = 0.09 on 20 rows: b = 1; the image really changes.
+    changed = fda.spectral_transfer(jnp.asarray(src), jnp.asarray(trg), 0.09)
+    self.assertGreater(float(jnp.max(jnp.abs(changed - src))), 1.0)
+    # The DC term (mean colour) comes from the target.
+    np.testing.assert_allclose(
+        np.asarray(changed).mean((1, 2)), trg.mean((1, 2)), rtol=1e-3)
+
+  def test_beta_zero_returns_the_source(self):
+    src = jnp.asarray(np.random.default_rng(1).uniform(0, 255, (1, 8, 8, 3)),
+                      jnp.float32)
+    out = fda.spectral_transfer(src, src[:, ::-1], 0.0)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(src))
+    with self.assertRaisesRegex(ValueError, "same shape"):
+      fda.spectral_transfer(src, src[:, :4], 0.05)
+
+  def test_robust_entropy_matches_the_formula(self):
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(2, 5, 6, 7)) * 2
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    ent = -(p * np.log(p)).sum(-1) / np.log(7)
+    want = np.mean((ent**2 + 1e-8)**2.0)
+    np.testing.assert_allclose(fda.robust_entropy(jnp.asarray(logits), 2.0),
+                               want, rtol=1e-5)
+    # Its gradient against float64 central differences.
+    with jax.enable_x64(True):
+      x = jnp.asarray(logits[:1, :2, :2], jnp.float64)
+      g = jax.grad(lambda v: fda.robust_entropy(v, 2.0))(x)
+      for index in ((0, 1, 0, 3), (0, 0, 1, 6)):
+        e = np.zeros(x.shape)
+        e[index] = 1e-6
+        fd = (fda.robust_entropy(x + e, 2.0) -
+              fda.robust_entropy(x - e, 2.0)) / 2e-6
+        self.assertGreater(abs(float(g[index])), 1e-6)
+        np.testing.assert_allclose(g[index], fd, rtol=1e-5)
+
+
+class MBTTest(absltest.TestCase):
+
+  def test_thresholds_on_a_hand_built_example(self):
+    # Class 0: 10 pixels valued k/16 (k = 1..10): round(0.66 * 10) = 7 ->
+    # the 8th smallest, 8/16 = 0.5. Class 1: 3 pixels of 0.95 -> capped at
+    # 0.9. Class 2: one pixel of 0.25 -> 0.25. Class 3: none -> 0.
+    probs = np.array([k / 16 for k in range(1, 11)] + [0.95] * 3 + [0.25])
+    label = np.array([0] * 10 + [1] * 3 + [2])
+    q = mbt.quantize(probs)
+    hist = np.stack([np.bincount(q[label == c], minlength=mbt.BINS)
+                     for c in range(4)])
+    thresholds = mbt.class_thresholds(hist)
+    np.testing.assert_allclose(thresholds, [0.5, 0.9, 0.25, 0.0])
+    out = mbt.apply_thresholds(label[None], q[None], thresholds)[0]
+    np.testing.assert_array_equal(
+        out, [255] * 7 + [0] * 3 + [1] * 3 + [2])
+
+  def test_pseudo_labels_are_read_and_augmented_with_the_image(self):
+    config = test_config.get_config()
+    source = input_pipeline.create_source(config.data.target, config.data,
+                                          config.model.num_classes)
+    directory = self.create_tempdir().full_path
+    for i in range(len(source)):
+      element = source[i]
+      # The pseudo-label is the image's red channel quantised: any geometric
+      # transform of the image must transform it the same way.
+      pseudo_labels.write(directory, element["name"],
+                          element["image"][..., 0] // 32)
+    wrapped = pseudo_labels.WithPseudoLabels(source, directory)
+    config.fda.pseudo_label_dir = directory
+    config.method = "fda"
+    # No rescaling (the shorter edge stays 32), so that the bilinear image
+    # and the nearest labels stay comparable pixel for pixel; flips and
+    # crops still apply.
+    config.data.resize_min = config.data.resize_max = 32
+    config.data.crop_size = (24, 40)
+    method = methods.get_method(config)
+    it = input_pipeline.create_train_iterator(config,
+                                              wrap_source=method.wrap_source)
+    batch = next(it)["target"]
+    self.assertEqual(batch["pseudo_label"].shape, batch["label"].shape)
+    valid = batch["pseudo_label"] != 255  # padding
+    np.testing.assert_array_equal(batch["pseudo_label"][valid],
+                                  (batch["image"][..., 0] // 32)[valid])
+    self.assertEqual(wrapped[0]["pseudo_label"].dtype, np.uint8)
+    with self.assertRaisesRegex(FileNotFoundError, "does not exist"):
+      pseudo_labels.WithPseudoLabels(source, directory + "/missing")
+    os.remove(pseudo_labels.path_of(directory, source[1]["name"]))
+    with self.assertRaisesRegex(FileNotFoundError, source[1]["name"]):
+      wrapped[1]  # pylint: disable=pointless-statement
+
+
+class TrainEveryMethodTest(parameterized.TestCase):
+
+  @parameterized.parameters("source_only", "adaptsegnet", "fda")
+  def test_trains_and_evaluates(self, name):
+    config = _config(name)
+    config.train.num_steps = 2
+    config.eval.aggregate = False
+    workdir = self.create_tempdir().full_path
+    state = train.train_and_evaluate(config, workdir)
+    self.assertEqual(int(state.step), 2)
+    records = writers.read_metrics(workdir)
+    train_rec = [r for r in records if "train/loss" in r][-1]
+    self.assertTrue(np.isfinite(train_rec["train/loss"]))
+    self.assertIn("train/learning_rate", train_rec)
+    self.assertTrue(np.isfinite(
+        [r for r in records if "eval/miou" in r][-1]["eval/miou"]))
+    if name == "adaptsegnet":
+      self.assertIn("train/discriminator_learning_rate", train_rec)
+      np.testing.assert_allclose(
+          train_rec["train/discriminator_learning_rate"],
+          1e-4 * (1 - 1 / 5)**0.9, rtol=1e-5)
+
+
+class ResumeTest(absltest.TestCase):
+
+  def test_adaptsegnet_resumes_after_sigkill_to_the_same_losses(self):
+    args = ["--config.method=adaptsegnet", "--config.train.log_every=1",
+            "--config.train.checkpoint_every=2"]
+    reference = self.create_tempdir().full_path
+    config = _config("adaptsegnet")
+    config.train.log_every = 1
+    config.train.checkpoint_every = 2
+    train.train_and_evaluate(config, reference, evaluate_during_training=False)
+
+    workdir = self.create_tempdir().full_path
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "plca_jax.main",
+         f"--config={REPO}/configs/test.py", f"--workdir={workdir}",
+         "--mode=train", "--config.train.num_steps=1000", *args],
+        env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    done = os.path.join(workdir, "checkpoints", "2", "_CHECKPOINT_METADATA")
+    while not os.path.exists(done):
+      self.assertIsNone(proc.poll(), "the run ended early")
+      self.assertLess(time.time(), deadline, "no checkpoint appeared")
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    manager = checkpointing.create_manager(workdir)
+    start = manager.latest_step()
+    self.assertGreaterEqual(start, 2)
+    train.train_and_evaluate(config, workdir, evaluate_during_training=False)
+
+    def losses(path):
+      return {r["step"]: (r["train/loss"], r["train/d_loss"],
+                          r["train/aux_d_loss"])
+              for r in writers.read_metrics(path) if "train/loss" in r}
+
+    want, got = losses(reference), losses(workdir)
+    for step in range(start + 1, 5):
+      np.testing.assert_allclose(got[step], want[step], rtol=1e-5)
+
+
+class CheckpointCompatibilityTest(absltest.TestCase):
+
+  def test_a_checkpoint_without_extra_restores_and_a_method_mismatch_fails(
+      self):
+    config = _config("plca")
+    method = methods.get_method(config)
+    mesh = train.sharding.create_mesh()
+    state = train.create_train_state(config, method, jax.random.key(0), mesh)
+    it = input_pipeline.create_train_iterator(config)
+    workdir = self.create_tempdir().full_path
+    manager = checkpointing.create_manager(workdir)
+    legacy = {"step": state.step, "params": state.params,
+              "opt_state": state.opt_state, "batch_stats": state.batch_stats}
+    manager.save(3, args=checkpointing.ocp.args.Composite(
+        state=checkpointing.ocp.args.StandardSave(legacy),
+        data=checkpointing.grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+    restored = checkpointing.restore(manager, 3, state, it)
+    self.assertEqual(restored.extra, {})
+    np.testing.assert_array_equal(
+        jax.tree.leaves(restored.params)[0], jax.tree.leaves(state.params)[0])
+    other = _config("adaptsegnet")
+    other_method = methods.get_method(other)
+    abstract = train.create_train_state(other, other_method,
+                                        jax.random.key(0), mesh)
+    with self.assertRaisesRegex(ValueError, "config.method"):
+      checkpointing.restore(manager, 3, abstract, it)
+
+
+if __name__ == "__main__":
+  absltest.main()
