@@ -4,7 +4,7 @@ r"""AdaptSegNet (multi-level), X -> Cityscapes, DeepLab-V2 ResNet-101.
       --workdir=DIR --config.data.source.root=/data/GTA5 \
       --config.data.target.root=/data/cityscapes \
       --config.data.eval.root=/data/cityscapes \
-      --config.init_from=/data/weights/resnet101_imagenet
+      --config.init_from=/data/weights/deeplab_r101_caffe
 
 The argument is "gta5" (19 classes) or "synthia" (16 classes, mIoU13
 reported). Published (Tsai et al. 2018, multi-level): GTA5 42.4 mIoU,

@@ -93,6 +93,10 @@ def get_config():
   # ~4x less for the backward pass (benchmarks/memory.py, README
   # "Memory and speed"). "none": keep everything (fastest on small inputs).
   config.model.remat = "none"
+  # Where a bottleneck strides: "1x1" (the first conv: Caffe / DeepLab-V2,
+  # the release's ImageNet initialisation) or "3x3" (torchvision's ResNets).
+  # Must match the weights of `init_from` (checked before training).
+  config.model.stride_on = "1x1"
 
   # SPEC.md section 2. The ablation ladder of the paper's Table 1 is
   # use_ce; +use_lovasz; +use_fass; +use_cass; +use_lsr.

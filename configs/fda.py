@@ -5,7 +5,7 @@ r"""FDA (and its MBT self-training round), X -> Cityscapes, DeepLab-V2 R101.
       --config.fda.beta=0.01 --config.data.source.root=/data/GTA5 \
       --config.data.target.root=/data/cityscapes \
       --config.data.eval.root=/data/cityscapes \
-      --config.init_from=/data/weights/resnet101_imagenet
+      --config.init_from=/data/weights/deeplab_r101_caffe
     # MBT pseudo-labels from the three, then the self-training round:
     python -m plca_jax.methods.mbt --config=configs/fda.py:gta5 \
       --workdirs=DIR_01,DIR_05,DIR_09 --out=PSEUDO ...(same data roots)

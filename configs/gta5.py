@@ -4,7 +4,7 @@
       --config.data.source.root=/data/GTA5 \\
       --config.data.target.root=/data/cityscapes \\
       --config.data.eval.root=/data/cityscapes \\
-      --config.init_from=/data/weights/resnet101_imagenet
+      --config.init_from=/data/weights/deeplab_r101_caffe
 
 As configs/synthia.py but 19 classes, 28 training epochs under a 30-epoch
 poly horizon. Published: 47.7 mIoU (paper), 47.8 for the released model.

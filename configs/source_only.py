@@ -4,7 +4,7 @@ r"""Source only, X -> Cityscapes, DeepLab-V2 ResNet-101: the lower rung.
       --workdir=DIR --config.data.source.root=/data/SYNTHIA \
       --config.data.eval.root=/data/cityscapes \
       --config.data.target.root=/data/cityscapes \
-      --config.init_from=/data/weights/resnet101_imagenet
+      --config.init_from=/data/weights/deeplab_r101_caffe
 
 The argument is "gta5" or "synthia". PLCA's paper setting (configs/gta5.py,
 configs/synthia.py: crops, schedule, optimizer) with CE on the source only

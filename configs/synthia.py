@@ -4,15 +4,16 @@
       --config.data.source.root=/data/SYNTHIA \\
       --config.data.target.root=/data/cityscapes \\
       --config.data.eval.root=/data/cityscapes \\
-      --config.init_from=/data/weights/resnet101_imagenet
+      --config.init_from=/data/weights/deeplab_r101_caffe
 
 DeepLab-V2 ResNet-101, 16 classes, global batch 4 per domain with 2
 accumulated micro-batches, 8 epochs of updates (2976) under a 10-epoch poly
 horizon (3720). Published: 46.8 mIoU16 / 54.0 mIoU13 (paper), 46.9 for the
 released checkpoint. `lovasz_weight` 1.5 is the release's effective beta1
 (0.75 summed over 2 micro-batches; the paper states 0.75, see SPEC.md s. 2).
-`init_from` should hold a converted ImageNet ResNet-101 (the head starts
-from its random init, hence `init_allow_missing="classifier"`).
+`init_from` should hold the converted Caffe DeepLab ResNet-101 (README,
+"Weights"; the head starts from its random init, hence
+`init_allow_missing="classifier"`).
 """
 
 from configs import default

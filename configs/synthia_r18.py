@@ -9,7 +9,10 @@
 Global batch 4 per domain, no accumulation (so the release-equivalent
 Lovasz weight is 0.75 x 1), 30,000 updates with the poly horizon at 30,000.
 The replication reported 18.7 (source only) -> 19.32 (+lov) -> 20.32
-(+fass) mIoU16.
+(+fass) mIoU16. There is no Caffe ResNet-18: `init_from` is torchvision's
+ImageNet ResNet-18 converted (README, "Weights"), trained on RGB/255 input
+normalised by the ImageNet mean/std, hence `data.encoding="rgb_imagenet"`
+(basic blocks stride their first 3x3 conv in both conventions).
 """
 
 from configs import synthia
@@ -24,4 +27,5 @@ def get_config():
   config.train.num_steps = 30_000
   config.optim.schedule_steps = 30_000
   config.loss.lovasz_weight = 0.75
+  config.data.encoding = "rgb_imagenet"  # torchvision's ResNet-18 weights
   return config

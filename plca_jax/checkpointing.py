@@ -15,6 +15,7 @@ missing, unexpected or mis-shaped leaves, unless `allow_missing` (a regex
 over "/"-joined paths) names leaves that may keep their initial values.
 """
 
+import json
 import re
 
 from absl import logging
@@ -183,3 +184,59 @@ def load_variables(path, init, allow_missing=""):
   """Reads `path` (see module doc) and merges it into `init`."""
   return merge_variables(init, _read_variables(path), allow_missing,
                          f"init_from={path!r}")
+
+
+INIT_FILE = "plca_jax_init.json"  # beside a converted checkpoint
+
+
+def write_init_expectations(directory, record):
+  """Records what converted weights expect (encoding, stride placement)."""
+  (epath.Path(directory) / INIT_FILE).write_text(json.dumps(record, indent=1))
+
+
+def read_init_expectations(path):
+  """{"encoding", "stride_on", "source"} the weights at `path` expect.
+
+  From `plca_jax_init.json` of a converted checkpoint, or from the
+  `config.json` of a plca_jax workdir (workdirs from before
+  `model.stride_on` existed used "1x1"); None when neither says.
+  """
+  root = epath.Path(path)
+  if (root / INIT_FILE).exists():
+    record = json.loads((root / INIT_FILE).read_text())
+    return {"encoding": record["encoding"], "stride_on": record["stride_on"],
+            "source": f"converted from {record.get('format', '?')} weights "
+                      f"({record.get('converted_from', '?')})"}
+  if (root / "config.json").exists():
+    config = json.loads((root / "config.json").read_text())
+    return {"encoding": config["data"]["encoding"],
+            "stride_on": config["model"].get("stride_on", "1x1"),
+            "source": "trained by plca_jax"}
+  return None
+
+
+def check_init_expectations(config):
+  """Raises ValueError if `config.init_from`'s weights expect another
+  input encoding or stride placement than the config sets."""
+  expected = read_init_expectations(config.init_from)
+  if expected is None:
+    logging.warning("init_from=%s does not record the input encoding and "
+                    "stride placement its weights expect; not checked",
+                    config.init_from)
+    return
+  # ResNet-18/34 blocks stride their only first conv either way.
+  checks = [("data.encoding", config.data.encoding, expected["encoding"])]
+  if config.model.depth >= 50:
+    checks.append(("model.stride_on", config.model.stride_on,
+                   expected["stride_on"]))
+  wrong = [(key, have, want) for key, have, want in checks if have != want]
+  if wrong:
+    fixes = " ".join(f"--config.{key}={want}" for key, _, want in wrong)
+    raise ValueError(
+        f"init_from={config.init_from!r} holds weights "
+        f"{expected['source']} that expect " +
+        ", ".join(f"{key}={want!r}" for key, _, want in wrong) +
+        " but the config sets " +
+        ", ".join(f"{key}={have!r}" for key, have, _ in wrong) +
+        f". Set {fixes}, or for the paper's numbers convert the Caffe "
+        "DeepLab ResNet-101 instead (README, 'Weights').")

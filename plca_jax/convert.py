@@ -3,11 +3,18 @@ r"""PyTorch checkpoints -> a Flax checkpoint that `config.init_from` accepts.
     python -m plca_jax.convert --from=resnet101-5d3b4d8f.pth --to=/w/r101
     python -m plca_jax.convert --from=synthia.weights --to=/w/plca_synthia
 
-Two input formats:
+Three input formats, told apart by their keys:
+- the Caffe-converted DeepLab ResNet-101 that the release, AdaptSegNet and
+  most DeepLab-V2 domain-adaptation code start from (keys `Scale.conv1.
+  weight`, `Scale.bn1.running_mean`, `Scale.layer1.0.conv1.weight`, ...,
+  and a `Scale.layer5.*` classifier, which is dropped): trained on BGR
+  0-255 mean-subtracted input with the stride on the first 1x1 conv,
+  exactly the paper configs' network and encoding;
 - a torchvision ImageNet ResNet-18/34/50/101 state dict (`conv1.weight`,
-  `layer1.0.conv1.weight`, ..., `fc.*`): the backbone; `fc` is dropped and
-  the DeepLab head is left to its initialisation (configs set
-  `init_allow_missing="classifier"`);
+  `layer1.0.conv1.weight`, ..., `fc.*`): the backbone, trained on RGB/255
+  input normalised by the ImageNet mean/std with the stride on the 3x3
+  conv, so it needs `data.encoding="rgb_imagenet"` and
+  `model.stride_on="3x3"`; `fc` is dropped;
 - the authors' released PLCA models: a dict whose "weights" entry is a
   DeepLab-V2 state dict (`backbone.conv1.weight`, ...,
   `classifier.0.convs.{0..3}.0.weight`, optionally prefixed `module.`). Its
@@ -15,10 +22,14 @@ Two input formats:
   road, ...; GTA5: the same 16 then terrain, truck, train) and are permuted
   into Cityscapes trainId order.
 
-The depth is read off the keys. Every tensor must find its place in the Flax
-model with the right shape; unknown, missing or mis-shaped keys are errors
-that list them. Output: an orbax StandardCheckpoint of
-{"params": ..., "batch_stats": ...} in --to.
+For the two backbones the DeepLab head is left to its initialisation
+(configs set `init_allow_missing="classifier"`). The depth is read off the
+keys. Every tensor must find its place in the Flax model with the right
+shape; unknown, missing or mis-shaped keys are errors that list them.
+Output: an orbax StandardCheckpoint of {"params": ..., "batch_stats": ...}
+in --to, and beside it `plca_jax_init.json` recording the input encoding
+and stride placement the weights expect; training refuses a config that
+disagrees (`checkpointing.check_init_expectations`).
 
 Needs PyTorch to read .pth files: `pip install "plca_jax[convert]"`.
 """
@@ -44,6 +55,11 @@ RELEASE_ORDER_16 = ("sky", "building", "road", "sidewalk", "fence",
 RELEASE_ORDER = {16: RELEASE_ORDER_16,
                  19: RELEASE_ORDER_16 + ("terrain", "truck", "train")}
 
+# What each format's weights expect: (data.encoding, model.stride_on).
+EXPECTS = {"caffe": ("bgr_mean", "1x1"), "imagenet": ("rgb_imagenet", "3x3"),
+           "release": ("bgr_mean", "1x1")}
+CAFFE_PREFIX = "Scale."
+
 _BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
        "running_mean": ("batch_stats", "mean"),
        "running_var": ("batch_stats", "var")}
@@ -60,7 +76,10 @@ def _import_torch():
 
 
 def load_state_dict(path):
-  """(state dict of NumPy arrays, kind) with kind "imagenet" or "release"."""
+  """(state dict of NumPy arrays, kind): "caffe", "imagenet" or "release".
+
+  Caffe keys lose their "Scale." prefix and the `layer5` classifier.
+  """
   torch = _import_torch()
   if not os.path.exists(path):
     raise FileNotFoundError(f"--from={path!r} does not exist")
@@ -80,6 +99,14 @@ def load_state_dict(path):
         value, "detach") else np.asarray(value)
   if any(k.startswith("backbone.") for k in state):
     kind = "release"
+  elif any(k.startswith(CAFFE_PREFIX) for k in state):
+    plain = [k for k in state if not k.startswith(CAFFE_PREFIX)]
+    if plain:
+      raise ValueError(f"{path}: keys prefixed {CAFFE_PREFIX!r} (a Caffe-"
+                       f"converted DeepLab) mixed with others: {plain[:5]}")
+    state = {k[len(CAFFE_PREFIX):]: v for k, v in state.items()
+             if not k.startswith(CAFFE_PREFIX + "layer5.")}
+    kind = "caffe"
   return state, kind
 
 
@@ -201,15 +228,20 @@ def convert(path, out_dir, num_classes=None):
   model = deeplab_v2.DeepLabV2(num_classes=num_classes, depth=depth)
   init = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 64, 64, 3))),
                         jax.random.key(0))
-  allow = "classifier" if kind == "imagenet" else ""
+  allow = "" if kind == "release" else "classifier"
   checkpointing.check_variables(init, variables, allow, f"--from={path!r}")
-  if kind == "imagenet":
+  if kind != "release":
     variables["params"].pop("classifier", None)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(os.path.abspath(out_dir), variables)
   ckpt.wait_until_finished()
-  logging.info("Wrote %s: ResNet-%d, %s", out_dir, depth,
+  encoding, stride_on = EXPECTS[kind]
+  checkpointing.write_init_expectations(
+      out_dir, {"format": kind, "encoding": encoding, "stride_on": stride_on,
+                "depth": depth, "converted_from": os.path.abspath(path)})
+  logging.info("Wrote %s: ResNet-%d (%s weights: %s input, stride on the "
+               "%s conv), %s", out_dir, depth, kind, encoding, stride_on,
                f"{num_classes} classes" if kind == "release"
                else "backbone only")
   return variables, depth, num_classes

@@ -61,6 +61,8 @@ def create_train_state(config, method, rng, mesh):
   segmentation network's initial ones (leaves matching
   `config.init_allow_missing` may keep their initial values).
   """
+  if config.init_from:
+    checkpointing.check_init_expectations(config)
   replicated = sharding.replicated(mesh)
   networks = {base.SEGMENTATION: (method.model, (jnp.zeros(image_shape(
       config)),)), **method.extra_networks()}

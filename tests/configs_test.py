@@ -7,9 +7,12 @@ import sys
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from configs import adaptsegnet
 from configs import default
 from configs import demo
+from configs import fda
 from configs import gta5
+from configs import source_only
 from configs import synthia
 from configs import synthia_r18
 from configs import test as test_config
@@ -35,12 +38,27 @@ class ConfigsTest(parameterized.TestCase):
                       config.train.grad_accum_steps, config.train.num_steps),
                      (18, 4, 1, 30_000))
 
-  @parameterized.parameters(demo, gta5, synthia, synthia_r18, test_config)
+  @parameterized.parameters(demo, gta5, synthia, synthia_r18, test_config,
+                            adaptsegnet, fda, source_only)
   def test_every_key_is_declared_in_default(self, module):
     keys = lambda c, p="": {p + k for k in c.keys()} | set().union(
         *[keys(v, f"{p}{k}.") for k, v in c.items() if hasattr(v, "keys")])
     self.assertEqual(keys(module.get_config()),
                      keys(default.get_config()))
+
+  @parameterized.parameters(adaptsegnet, fda, source_only)
+  def test_method_configs(self, module):
+    for source, classes in (("gta5", 19), ("synthia", 16)):
+      config = module.get_config(source)
+      self.assertEqual(config.method, module.__name__.split(".")[-1])
+      self.assertEqual((config.model.depth, config.model.num_classes),
+                       (101, classes))
+      self.assertFalse(config.eval.aggregate)  # the baselines' protocol
+    with self.assertRaisesRegex(ValueError, "'cityscapes'.*gta5"):
+      module.get_config("cityscapes")
+    config = adaptsegnet.get_config("gta5")
+    self.assertEqual((config.train.batch_size, config.optim.head_lr_mult,
+                      config.adaptsegnet.lambda_adv), (1, 10.0, 0.001))
 
   def test_misspelt_key_and_missing_dataset_fail_before_compute(self):
     env = {**os.environ, "PYTHONPATH": REPO}

@@ -2,7 +2,8 @@
 
 Test-only reference: torchvision-style ResNet keys (`conv1`, `bn1`,
 `layerL.B.convN`, `layerL.B.downsample.{0,1}`, `fc`), Caffe-style strides
-(on the first 1x1 conv), ceil-mode max-pool, dilation 2/4 in layer3/4 on
+(on the first 1x1 conv; `stride_on="3x3"` puts them on the 3x3 conv like
+torchvision), ceil-mode max-pool, dilation 2/4 in layer3/4 on
 every block, and the DeepLab head `classifier.0.convs.{i}.0` (four bias-free
 dilated 3x3 convs, summed).
 """
@@ -37,12 +38,15 @@ class Basic(nn.Module):
 class Bottleneck(nn.Module):
   expansion = 4
 
-  def __init__(self, cin, planes, stride, dilation, downsample):
+  def __init__(self, cin, planes, stride, dilation, downsample,
+               stride_on="1x1"):
     super().__init__()
-    self.conv1 = nn.Conv2d(cin, planes, 1, stride, bias=False)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, 1, dilation, dilation,
+    on_3x3 = stride_on == "3x3"
+    self.conv1 = nn.Conv2d(cin, planes, 1, 1 if on_3x3 else stride,
                            bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, stride if on_3x3 else 1,
+                           dilation, dilation, bias=False)
     self.bn2 = nn.BatchNorm2d(planes)
     self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
     self.bn3 = nn.BatchNorm2d(planes * 4)
@@ -59,7 +63,7 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
   """Dilated (output stride 8) ResNet with an ImageNet `fc` (unused)."""
 
-  def __init__(self, depth):
+  def __init__(self, depth, stride_on="1x1"):
     super().__init__()
     kind, layers = SPECS[depth]
     block = Bottleneck if kind == "bottleneck" else Basic
@@ -78,8 +82,9 @@ class ResNet(nn.Module):
               nn.Conv2d(cin, planes * block.expansion, 1, stride,
                         bias=False),
               nn.BatchNorm2d(planes * block.expansion))
+        extra = {"stride_on": stride_on} if kind == "bottleneck" else {}
         blocks.append(block(cin, planes, stride if b == 0 else 1, dilation,
-                            down))
+                            down, **extra))
         cin = planes * block.expansion
       setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
     self.out_channels = cin

@@ -23,7 +23,8 @@ def get_model(config, dtype=None):
                      f"of {sorted(MODELS)}")
   kwargs = dict(num_classes=config.model.num_classes,
                 depth=config.model.depth, width=config.model.width,
-                remat=config.model.remat, block_barrier=xla.on_cpu())
+                remat=config.model.remat, block_barrier=xla.on_cpu(),
+                stride_on=config.model.stride_on)
   if dtype is None:
     name = config.train.compute_dtype
     if name not in DTYPES:

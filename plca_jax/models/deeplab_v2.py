@@ -51,12 +51,14 @@ class DeepLabV2(nn.Module):
   remat: str = "none"  # see resnet.ResNet
   block_barrier: bool = False
   aux_head: bool = False
+  stride_on: str = "1x1"  # see resnet.ResNet
 
   def setup(self):
     self.backbone = resnet.ResNet(depth=self.depth, width=self.width,
                                   dtype=self.dtype, remat=self.remat,
                                   block_barrier=self.block_barrier,
-                                  return_layer3=self.aux_head)
+                                  return_layer3=self.aux_head,
+                                  stride_on=self.stride_on)
     self.classifier = ASPPHead(self.num_classes, self.aspp_rates,
                                dtype=self.dtype)
     if self.aux_head:

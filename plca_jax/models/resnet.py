@@ -86,21 +86,25 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-  """1x1 (strided) -> 3x3 (dilated) -> 1x1 x4 bottleneck, Caffe style."""
+  """1x1 -> 3x3 (dilated) -> 1x1 x4 bottleneck; the stride on the first
+  1x1 conv (Caffe, DeepLab; `stride_on="1x1"`) or on the 3x3 conv
+  (torchvision; "3x3")."""
   planes: int
   stride: int = 1
   dilation: int = 1
   downsample: bool = False
   norm: Callable[..., nn.Module] = norm_lib.BatchNorm
   dtype: Any = jnp.float32
+  stride_on: str = "1x1"
   expansion = 4
 
   @nn.compact
   def __call__(self, x):
     conv = functools.partial(_conv, dilation=self.dilation, dtype=self.dtype)
-    y = conv(self.planes, 1, self.stride, "conv1")(x)
+    on_3x3 = self.stride_on == "3x3"
+    y = conv(self.planes, 1, 1 if on_3x3 else self.stride, "conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y))
-    y = conv(self.planes, 3, 1, "conv2")(y)
+    y = conv(self.planes, 3, self.stride if on_3x3 else 1, "conv2")(y)
     y = nn.relu(self.norm(name="bn2")(y))
     y = conv(self.planes * 4, 1, 1, "conv3")(y)
     y = self.norm(name="bn3")(y)
@@ -112,6 +116,7 @@ class Bottleneck(nn.Module):
 
 
 REMAT_MODES = ("none", "block")
+STRIDE_ON = ("1x1", "3x3")
 
 # depth -> (block class, blocks per layer)
 RESNET_SPECS = {
@@ -150,6 +155,9 @@ class ResNet(nn.Module):
   remat: str = "none"
   block_barrier: bool = False
   return_layer3: bool = False  # return (layer3 output, layer4 output)
+  # Bottleneck stride placement: "1x1" (Caffe/DeepLab weights) or "3x3"
+  # (torchvision weights); basic blocks stride their first 3x3 conv.
+  stride_on: str = "1x1"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -159,7 +167,11 @@ class ResNet(nn.Module):
     if self.depth not in RESNET_SPECS:
       raise ValueError(f"ResNet depth {self.depth} not in "
                        f"{sorted(RESNET_SPECS)}")
+    if self.stride_on not in STRIDE_ON:
+      raise ValueError(f"config.model.stride_on={self.stride_on!r}; "
+                       f"expected one of {STRIDE_ON}")
     block_cls, layers = RESNET_SPECS[self.depth]
+    extra = {"stride_on": self.stride_on} if block_cls is Bottleneck else {}
     if self.remat == "block":
       block_cls = nn.remat(block_cls)
     norm = functools.partial(
@@ -188,7 +200,7 @@ class ResNet(nn.Module):
             stride=stride if first else 1,
             dilation=dilation,
             downsample=first and (stride != 1 or in_channels != out_channels),
-            norm=norm, dtype=self.dtype,
+            norm=norm, dtype=self.dtype, **extra,
             name=f"layer{i + 1}_{b}")(x)
         if self.block_barrier:
           x = jax.lax.optimization_barrier(x)
