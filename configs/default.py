@@ -58,9 +58,25 @@ def use_paper_setting(config, source, num_classes, train_epochs,
                             config.train.grad_accum_steps)
   config.train.num_steps = train_epochs * epoch
   config.optim.schedule_steps = horizon_epochs * epoch
-  # The release's effective Lovasz weight, 0.75 summed over its
-  # micro-batches (SPEC.md section 2).
-  config.loss.lovasz_weight = 0.75 * config.train.grad_accum_steps
+  # The release's effective Lovasz weight on its README's 2-GPU launch
+  # (SPEC.md section 2): 0.75 x W x K = 3.0.
+  config.loss.lovasz_weight = release_lovasz_weight(
+      world_size=RELEASE_GPUS, accumulation=config.train.grad_accum_steps)
+
+
+RELEASE_GPUS = 2  # the launch in the release's README
+
+
+def release_lovasz_weight(paper_weight=0.75, *, world_size, accumulation):
+  """beta1 relative to the averaged CE, as the release effectively trains.
+
+  Per optimizer update the release averages every other term over its K
+  accumulated micro-batches but sums the Lovasz term (x K), and its
+  multi-GPU Lovasz multiplies by the world size W while DDP averages the
+  other terms over the GPUs (x W): beta1 = 0.75 x W x K, i.e. 3.0 on its
+  README's 2-GPU launch with K = 2 (1.5 on one GPU). SPEC.md section 2.
+  """
+  return paper_weight * world_size * accumulation
 
 
 def updates_per_epoch(target_images, batch_size, grad_accum_steps):

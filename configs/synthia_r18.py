@@ -6,8 +6,9 @@
       --config.data.eval.root=/data/cityscapes \\
       --config.init_from=/data/weights/resnet18_imagenet
 
-Global batch 4 per domain, no accumulation (so the release-equivalent
-Lovasz weight is 0.75 x 1), 30,000 updates with the poly horizon at 30,000.
+Global batch 4 per domain, no accumulation on one device (so the
+release-equivalent Lovasz weight is 0.75 x W x K = 0.75 x 1 x 1), 30,000
+updates with the poly horizon at 30,000.
 The replication reported 18.7 (source only) -> 19.32 (+lov) -> 20.32
 (+fass) mIoU16. There is no Caffe ResNet-18: `init_from` is torchvision's
 ImageNet ResNet-18 converted (README, "Weights"), trained on RGB/255 input

@@ -28,7 +28,10 @@ class ConfigsTest(parameterized.TestCase):
     self.assertEqual((config.train.num_steps, config.optim.schedule_steps),
                      (8 * 372, 10 * 372))
     self.assertEqual(config.model.num_classes, 16)
-    self.assertEqual(config.loss.lovasz_weight, 1.5)
+    # beta1 = 0.75 x W x K: the release's 2-GPU launch, K micro-batches.
+    self.assertEqual(config.loss.lovasz_weight,
+                     0.75 * 2 * config.train.grad_accum_steps)
+    self.assertEqual(config.loss.lovasz_weight, 3.0)
     config = gta5.get_config()
     self.assertEqual((config.train.num_steps, config.optim.schedule_steps),
                      (28 * 372, 30 * 372))

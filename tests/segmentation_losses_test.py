@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from configs import default as default_config
+from configs import synthia as synthia_config
 from plca_jax import losses
 from tests import reference
 
@@ -249,6 +250,18 @@ class ObjectiveTest(parameterized.TestCase):
     self.assertNotIn("cass", terms)
     self.assertEqual(set(terms), set(expected_terms))
     np.testing.assert_allclose(total, expected, rtol=1e-6)
+    # The paper config's weights, as the config states them (beta1 = 3.0,
+    # the release's effective weight on its 2-GPU launch).
+    paper = synthia_config.get_config()
+    paper.loss.chunk_size = 5
+    total, terms = losses.total_loss(paper, src, tgt, labels)
+    c = paper.loss
+    self.assertEqual(c.lovasz_weight, 3.0)
+    np.testing.assert_allclose(
+        total, terms["ce"] + c.lovasz_weight * terms["lovasz"] +
+        c.association_weight * (terms["fass"] + terms["cass"]) +
+        c.lsr_weight * (terms["lsr_source"] + terms["lsr_target"]),
+        rtol=1e-6)
 
   def test_gradients_are_finite_under_jit(self):
     src, tgt, labels = self._inputs()
