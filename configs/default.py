@@ -158,6 +158,11 @@ def get_config():
   config.train.checkpoint_every = 500
   config.train.eval_every = 1000
   config.train.keep_checkpoints = 3
+  # Profile this many updates from `profile_first_step` on (0 = off): a
+  # jax.profiler trace in WORKDIR/plugins/profile for TensorBoard's profile
+  # tab (README, "Training and evaluation").
+  config.train.profile_steps = 0
+  config.train.profile_first_step = 10
   # Network compute dtype: "float32" or "bfloat16". Parameters, optimizer
   # state and BatchNorm statistics stay float32; the losses (association
   # similarities included) are computed in float32 from the network outputs.

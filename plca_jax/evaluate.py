@@ -10,11 +10,13 @@ and pixel accuracy.
 """
 
 import functools
+import os
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from plca_jax import checkpointing
 from plca_jax import losses
@@ -126,15 +128,9 @@ def evaluate_and_write(config, model, variables, mesh, writer, step,
   return scores
 
 
-def evaluate_checkpoint(config, workdir, model=None):
-  """Eval-only run: WORKDIR's latest checkpoint, else `config.init_from`.
-
-  `model` is the segmentation network of the method that wrote it
-  (`methods.get_method(config).model`; default `models.get_model(config)`).
-  Writes eval/... metrics at the checkpoint's step and prints the table.
-  """
-  model = model or models.get_model(config)
-  mesh = sharding.create_mesh()
+def _checkpoint_variables(config, workdir, model, mesh):
+  """(variables on the mesh, step) of WORKDIR's latest checkpoint, else of
+  `config.init_from` (step 0)."""
   init = jax.eval_shape(lambda r: model.init(
       r, jnp.zeros((1, *config.data.eval_image_size, 3))), jax.random.key(0))
   manager = checkpointing.create_manager(workdir)
@@ -146,9 +142,75 @@ def evaluate_checkpoint(config, workdir, model=None):
         "config.init_from is empty")
   variables = jax.device_put(checkpointing.load_variables(source, init),
                              sharding.replicated(mesh))
+  return variables, step or 0
+
+
+def prediction_paths(workdir, name):
+  """(labelIds PNG, colour PNG) paths of the image named `name`.
+
+  Cityscapes names ("<city>/<city>_<seq>_<frame>") give
+  WORKDIR/predictions/<city>/<city>_<seq>_<frame>_leftImg8bit.png, the
+  name cityscapesScripts matches; the colour PNG goes to
+  WORKDIR/predictions_color/ (in the same folder, cityscapesScripts would
+  find two files for one image and stop).
+  """
+  stem = f"{name}_leftImg8bit.png"
+  return (os.path.join(workdir, "predictions", stem),
+          os.path.join(workdir, "predictions_color",
+                       stem.replace(".png", "_color.png")))
+
+
+def predict_checkpoint(config, workdir, model=None):
+  """--mode=predict: writes every evaluation image's prediction as a
+  Cityscapes labelIds PNG at the label resolution, and a colour PNG.
+
+  Images of `config.data.eval` (set `--config.data.eval.split=test
+  --config.data.eval.require_labels=False` for the test split, which has no
+  labels). Returns the number of images written.
+  """
+  model = model or models.get_model(config)
+  mesh = sharding.create_mesh()
+  variables, step = _checkpoint_variables(config, workdir, model, mesh)
+  it, total = input_pipeline.create_eval_iterator(
+      config, jax.process_index(), jax.process_count())
+  sharding.check_batch_divides(config.eval.batch_size, mesh)
+  step_fn = create_eval_step(config, model, mesh)
+  to_ids = labels_lib.train_to_label_ids(config.model.num_classes)
+  written = 0
+  for batch in it:
+    arrays = {key: batch[key] for key in ("image", "label", "mask")}
+    _, predictions = step_fn(variables, sharding.to_global(arrays, mesh))
+    local = np.concatenate([np.asarray(s.data)
+                            for s in predictions.addressable_shards])
+    for i, name in enumerate(batch["name"]):
+      if not batch["mask"][i]:
+        continue
+      ids_path, colour_path = prediction_paths(workdir, str(name))
+      for path, image in (
+          (ids_path, to_ids[local[i]]),
+          (colour_path, labels_lib.colourize(local[i],
+                                             config.model.num_classes))):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(image).save(path)
+      written += 1
+  logging.info("Wrote %d predictions of the checkpoint at step %d (%d "
+               "images in the split) to %s/predictions", written, step,
+               total, workdir)
+  return written
+
+
+def evaluate_checkpoint(config, workdir, model=None):
+  """Eval-only run: WORKDIR's latest checkpoint, else `config.init_from`.
+
+  `model` is the segmentation network of the method that wrote it
+  (`methods.get_method(config).model`; default `models.get_model(config)`).
+  Writes eval/... metrics at the checkpoint's step and prints the table.
+  """
+  model = model or models.get_model(config)
+  mesh = sharding.create_mesh()
+  variables, step = _checkpoint_variables(config, workdir, model, mesh)
   writer = writers.create_writer(workdir, jax.process_index())
-  scores = evaluate_and_write(config, model, variables, mesh, writer,
-                              step or 0)
+  scores = evaluate_and_write(config, model, variables, mesh, writer, step)
   writer.flush()
   print(format_table(scores, config.model.num_classes))
   return scores

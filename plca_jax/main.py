@@ -1,7 +1,8 @@
 """Entry point: python -m plca_jax.main --config=configs/synthia.py --workdir=DIR.
 
 Modes: train_and_eval (default), train, eval (latest checkpoint of WORKDIR,
-else `config.init_from`). Any config key is overridable on the command line,
+else `config.init_from`), predict (the same checkpoint's predictions as
+Cityscapes PNGs in WORKDIR/predictions, README "Training and evaluation"). Any config key is overridable on the command line,
 e.g. `--config.train.num_steps=20`.
 """
 
@@ -14,6 +15,7 @@ from etils import epath
 import jax
 from ml_collections import config_flags
 
+from plca_jax import console
 from plca_jax import evaluate
 from plca_jax import methods
 from plca_jax import train
@@ -24,7 +26,8 @@ config_flags.DEFINE_config_file("config", None, "Config file (get_config).",
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here "
                     "(a local path, or gs://... for multi-host runs).")
 flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train",
-                                             "eval"], "What to run.")
+                                             "eval", "predict"],
+                  "What to run; predict writes Cityscapes-format PNGs.")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0 for jax.distributed (clusters "
                     "other than Cloud TPU, local multi-process tests).")
@@ -53,9 +56,12 @@ def main(argv):
   maybe_initialize_distributed()
   config = FLAGS.config
   workdir = FLAGS.workdir
+  log_file = console.setup(workdir, FLAGS.verbosity)
+  logging.info("Full log: %s", log_file)
   logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),
-               jax.process_count(), jax.local_devices())
-  logging.info("Config:\n%s", config)
+               jax.process_count(), jax.local_devices(),
+               extra=console.FILE_ONLY)
+  logging.info("Config:\n%s", config, extra=console.FILE_ONLY)
   if jax.process_index() == 0:
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
@@ -64,6 +70,9 @@ def main(argv):
     method = methods.get_method(config)
     train.warn_protocol(config, method)
     evaluate.evaluate_checkpoint(config, workdir, method.model)
+  elif FLAGS.mode == "predict":
+    evaluate.predict_checkpoint(config, workdir,
+                                methods.get_method(config).model)
   else:
     train.train_and_evaluate(
         config, workdir, evaluate_during_training=FLAGS.mode != "train")

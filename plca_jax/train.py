@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from plca_jax import checkpointing
+from plca_jax import console
 from plca_jax import evaluate
 from plca_jax import methods
 from plca_jax import metrics as metrics_lib
@@ -261,6 +262,24 @@ def _write_train_metrics(writer, step, collection, skipped, method):
     values[f"train/{name}"] = float(lr)
   values["train/skipped_files"] = skipped
   writer.write_scalars(step, values)
+  return values
+
+
+def describe(config, method, state, mesh):
+  """The start-up summary: method, network, parameter counts, devices."""
+  def count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  others = "".join(f", {name} {count(t.params):,}"
+                   for name, t in state.extra.items())
+  devices = jax.devices()
+  return (f"{method.name}: DeepLab-V2 ResNet-{config.model.depth} (width "
+          f"{config.model.width}, {config.model.num_classes} classes, "
+          f"{config.train.compute_dtype}, remat {config.model.remat}), "
+          f"{count(state.params):,} parameters{others}; "
+          f"{len(devices)} {devices[0].platform.upper()} device(s) "
+          f"({devices[0].device_kind}) in {jax.process_count()} process(es), "
+          f"mesh {dict(mesh.shape)}; global batch {config.train.batch_size} "
+          f"per domain x {config.train.grad_accum_steps} micro-batch(es)")
 
 
 def _checkpoint(manager, step, state, iterator):
@@ -310,6 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info("Resuming from %s step %d", manager.directory, latest)
     state = checkpointing.restore(manager, latest, state, train_iter)
   start_step = int(state.step)
+  logging.info("%s", describe(config, method, state, mesh))
   if start_step == 0:
     writer.write_hparams(_hparams(config))
 
@@ -324,11 +344,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       every_steps=config.train.log_every)
   if process_index == 0:
     hooks.append(report)
+    if config.train.profile_steps > 0:
+      hooks.append(periodic_actions.Profile(
+          logdir=workdir, num_profile_steps=config.train.profile_steps,
+          profile_duration_ms=None,
+          first_profile=config.train.profile_first_step, every_secs=None))
   preemption = _Preemption(install=process_count == 1)
 
   # The loop.
   collection, skipped = None, 0
   logging.info("Training steps %d..%d", start_step + 1, num_steps)
+  last_log = (start_step, time.perf_counter())
   try:
     for step in range(start_step + 1, num_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -345,12 +371,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         collection_cls = metrics_lib.train_collection(sorted(scalars))
       update = collection_cls.single_from_model_output(**scalars)
       collection = update if collection is None else collection.merge(update)
-      logging.log_first_n(logging.INFO, "Finished step %d.", 3, step)
+      if step <= start_step + 3:
+        logging.info("Finished step %d.", step, extra=console.FILE_ONLY)
       for hook in hooks:
         hook(step)
       last = step == num_steps
       if step % config.train.log_every == 0 or last:
-        _write_train_metrics(writer, step, collection, skipped, method)
+        values = _write_train_metrics(writer, step, collection, skipped,
+                                      method)
+        now = time.perf_counter()
+        rate = (step - last_log[0]) / max(now - last_log[1], 1e-9)
+        last_log = (step, now)
+        logging.info("%s", console.progress_line(step, num_steps, rate,
+                                                 values))
         collection, skipped = None, 0
       stop = preemption.requested or manager.reached_preemption(step)
       if step % config.train.checkpoint_every == 0 or last or stop:

@@ -6,6 +6,7 @@ import sys
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import pytest
 
 from configs import adaptsegnet
 from configs import default
@@ -63,6 +64,7 @@ class ConfigsTest(parameterized.TestCase):
     self.assertEqual((config.train.batch_size, config.optim.head_lr_mult,
                       config.adaptsegnet.lambda_adv), (1, 10.0, 0.001))
 
+  @pytest.mark.slow
   def test_misspelt_key_and_missing_dataset_fail_before_compute(self):
     env = {**os.environ, "PYTHONPATH": REPO}
     base = [sys.executable, "-m", "plca_jax.main",

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+import pytest
 
 from configs import default as default_config
 from plca_jax import checkpointing
@@ -83,6 +84,7 @@ class ConvertTest(parameterized.TestCase):
                                     theirs[..., 0])
       self.assertEqual(release.index("road"), 2)
 
+  @pytest.mark.slow
   @parameterized.parameters(18, 50)
   def test_imagenet_backbone_matches_pytorch(self, depth):
     # torchvision's ResNets stride on the 3x3 conv.
@@ -108,6 +110,7 @@ class ConvertTest(parameterized.TestCase):
     self.assertEqual((record["encoding"], record["stride_on"]),
                      ("rgb_imagenet", "3x3"))
 
+  @pytest.mark.slow
   def test_caffe_deeplab_converts_and_matches_pytorch(self):
     # The Caffe-converted DeepLab ResNet: "Scale." keys, a layer5
     # classifier (dropped), strides on the first 1x1 conv.

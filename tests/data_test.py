@@ -6,6 +6,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import numpy as np
+import pytest
 
 from configs import default as default_config
 from plca_jax.data import input_pipeline
@@ -339,6 +340,7 @@ class PipelineTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "batch size 2 .* process count 3"):
       input_pipeline.create_train_iterator(config, 0, 3)
 
+  @pytest.mark.slow
   @parameterized.parameters(0, 2)
   def test_state_restore_gives_the_next_batch(self, workers):
     config = _synthetic_config(workers=workers)

@@ -7,6 +7,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from plca_jax import losses
 from plca_jax.losses import association
@@ -164,6 +165,7 @@ class AssociationTest(parameterized.TestCase):
     for a, b in zip(g1, g0):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
+  @pytest.mark.slow
   @parameterized.parameters("cos", "kl")
   def test_batch_equals_images_one_by_one(self, metric):
     # A batch of 2 runs vmapped; one image runs without the batch axis.

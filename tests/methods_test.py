@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+import pytest
 
 from configs import test as test_config
 from plca_jax import checkpointing
@@ -112,6 +113,7 @@ class AdaptSegNetTest(absltest.TestCase):
     want = 0.5 * (_np_bce_logits(d_s, 0.0) + _np_bce_logits(d_t, 1.0))
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
+  @pytest.mark.slow
   def test_update_trains_both_trees_and_the_generator_only_by_its_loss(self):
     config = _config("adaptsegnet")
     method = methods.get_method(config)
@@ -259,6 +261,7 @@ class TrainEveryMethodTest(parameterized.TestCase):
 
   # adaptsegnet: ResumeTest trains and evaluates it.
   @parameterized.parameters("source_only", "fda")
+  @pytest.mark.slow
   def test_trains_and_evaluates(self, name):
     config = _config(name)
     config.train.num_steps = 2
@@ -276,6 +279,7 @@ class TrainEveryMethodTest(parameterized.TestCase):
 
 class ResumeTest(absltest.TestCase):
 
+  @pytest.mark.slow
   def test_adaptsegnet_resumes_after_sigkill_to_the_same_losses(self):
     args = ["--config.method=adaptsegnet", "--config.train.log_every=1",
             "--config.train.checkpoint_every=2"]
@@ -320,6 +324,23 @@ class ResumeTest(absltest.TestCase):
     want, got = losses(reference), losses(workdir)
     for step in range(start + 1, 5):
       np.testing.assert_allclose(got[step], want[step], rtol=1e-5)
+    # The final parameters of every tree, restored from both workdirs.
+    method = methods.get_method(config)
+    mesh = train.sharding.create_mesh()
+    finals = []
+    for path in (reference, workdir):
+      abstract = train.create_train_state(config, method, jax.random.key(0),
+                                          mesh)
+      manager = checkpointing.create_manager(path)
+      self.assertEqual(manager.latest_step(), 4)
+      state = checkpointing.restore(manager, 4, abstract,
+                                    input_pipeline.create_train_iterator(
+                                        config))
+      finals.append(jax.device_get((state.params,
+                                    {k: t.params for k, t in
+                                     state.extra.items()})))
+    for a, b in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])):
+      np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 class CheckpointCompatibilityTest(absltest.TestCase):

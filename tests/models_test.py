@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+import pytest
 
 from configs import default as default_config
 from plca_jax import models
@@ -37,15 +38,11 @@ class DeepLabV2Test(parameterized.TestCase):
     self.assertEqual(_count(params["backbone"]), backbone_params)
     self.assertEqual(_count(params["classifier"]),
                      4 * 3 * 3 * channels * num_classes)
+    if (depth, num_classes) == (101, 16):  # the README's figure
+      self.assertEqual(_count(params), 43_679_808)
     out = jax.eval_shape(lambda v, i: model.apply(v, i), variables, x)
     self.assertEqual(out["features"].shape, (2, 92, 92, channels))
     self.assertEqual(out["logits"].shape, (2, 92, 92, num_classes))
-
-  def test_r101_16_classes_has_exactly_43679808_parameters(self):
-    variables, _ = _abstract_variables(
-        models.DeepLabV2(num_classes=16, depth=101), (1, 730, 730, 3))
-    self.assertEqual(_count(variables["params"]), 43_679_808)
-    self.assertEqual(42_500_160 + 4 * 3 * 3 * 2048 * 16, 43_679_808)
 
   def test_stage_resolutions(self):
     # Stem + ceil-mode pool: 730 -> 365 -> 183; layer2's stride (on its
@@ -146,6 +143,7 @@ if __name__ == "__main__":
 class RematTest(parameterized.TestCase):
   """config.model.remat="block" changes memory, not results."""
 
+  @pytest.mark.slow
   @parameterized.parameters(18, 50)
   def test_block_remat_equals_none(self, depth):
     kwargs = dict(num_classes=5, depth=depth, width=8)
@@ -170,6 +168,7 @@ class RematTest(parameterized.TestCase):
                     jax.tree.leaves((g0, stats0))):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
+  @pytest.mark.slow
   def test_block_remat_keeps_less_for_the_backward_pass(self):
     x = jax.ShapeDtypeStruct((1, 65, 65, 3), jnp.float32)
 

@@ -6,12 +6,14 @@ import subprocess
 import sys
 
 from absl.testing import absltest
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class MultiDeviceTest(absltest.TestCase):
 
+  @pytest.mark.slow
   def test_eight_devices_equal_one_and_bfloat16_is_close(self):
     env = {**os.environ, "PYTHONPATH": REPO,
            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") +

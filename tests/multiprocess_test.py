@@ -15,6 +15,7 @@ import sys
 from absl.testing import absltest
 import jax
 import numpy as np
+import pytest
 
 from configs import test as test_config
 from plca_jax import methods
@@ -79,6 +80,7 @@ def _reference_losses(config, num_steps):
 
 class MultiProcessTest(absltest.TestCase):
 
+  @pytest.mark.slow
   def test_two_processes_train_checkpoint_resume_like_one(self):
     workdir = self.create_tempdir().full_path
     _run_two_processes(workdir, 4)

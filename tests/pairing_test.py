@@ -6,6 +6,7 @@ from absl.testing import absltest
 from etils import epath
 import grain
 import numpy as np
+import pytest
 
 from configs import test as test_config
 from plca_jax import train
@@ -146,6 +147,7 @@ class OverlapPipelineTest(absltest.TestCase):
 
 class PairedTrainingTest(absltest.TestCase):
 
+  @pytest.mark.slow
   def test_train_logs_pairing_and_resumes_like_uninterrupted(self):
     config = _config("pseudo")
     config.train.num_steps = 4

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
+import pytest
 
 from configs import default as default_config
 from configs import synthia as synthia_config
@@ -146,6 +147,7 @@ class ObjectiveTest(parameterized.TestCase):
     labels[:, :4] = 255
     return out(), out(), labels
 
+  @pytest.mark.slow
   def test_total_is_the_weighted_sum_of_reference_terms(self):
     src, tgt, labels = self._inputs()
     with jax.enable_x64(True):
@@ -178,6 +180,7 @@ class ObjectiveTest(parameterized.TestCase):
                 "cass_reached"):
       self.assertBetween(float(terms[key]), 0.0, 1.0)
 
+  @pytest.mark.slow
   def test_target_labels_feed_statistics_only(self):
     src, tgt, labels = self._inputs()
     src, tgt = (jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), o)
@@ -203,6 +206,7 @@ class ObjectiveTest(parameterized.TestCase):
         [float(results[0][0][1][f"{n}_correct"]) for n in ("fass", "cass")],
         [float(results[1][0][1][f"{n}_correct"]) for n in ("fass", "cass")])
 
+  @pytest.mark.slow
   @parameterized.named_parameters(
       ("source_only", dict(use_lovasz=False, use_fass=False, use_cass=False,
                            use_lsr=False), {"ce"}),

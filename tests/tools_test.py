@@ -9,6 +9,7 @@ import sys
 from absl.testing import absltest
 import numpy as np
 from PIL import Image
+import pytest
 
 from configs import test as test_config
 from plca_jax import train
@@ -30,6 +31,7 @@ def _assert_real_figure(test, path, min_size=(300, 300)):
   test.assertLess(counts.max() / counts.sum(), 0.95)
 
 
+@pytest.mark.slow
 class AssociationsToolTest(absltest.TestCase):
 
   @classmethod

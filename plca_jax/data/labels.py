@@ -103,3 +103,11 @@ def colourize(label, num_classes):
   colours = np.zeros((256, 3), np.uint8)
   colours[:num_classes] = palette(num_classes)
   return colours[np.asarray(label, np.uint8)]
+
+
+def train_to_label_ids(num_classes):
+  """(num_classes,) uint8: trainId of the class set -> Cityscapes labelId
+  (what cityscapesScripts' evaluation and benchmark server read)."""
+  _check_num_classes(num_classes)
+  ids = {name: label_id for name, label_id, _ in CITYSCAPES_19}
+  return np.array([ids[n] for n in CLASS_NAMES[num_classes]], np.uint8)
