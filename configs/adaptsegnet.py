@@ -22,28 +22,10 @@ train 13); BatchNorm as in the project (SPEC.md s. 1).
 
 from configs import default
 
-SOURCES = {"gta5": 19, "synthia": 16}
-
 
 def get_config(source="gta5"):
   """AdaptSegNet paper setting; `source` is "gta5" or "synthia"."""
-  if source not in SOURCES:
-    raise ValueError(f"config argument {source!r}; expected one of "
-                     f"{sorted(SOURCES)}")
   config = default.get_config()
-  config.method = "adaptsegnet"
-  default.use_paper_setting(config, source, num_classes=SOURCES[source],
-                            train_epochs=1, horizon_epochs=1)
-  config.train.batch_size = 1
-  config.train.grad_accum_steps = 1
-  config.train.num_steps = 150_000
-  config.optim.schedule_steps = 250_000
-  config.optim.head_lr_mult = 10.0
-  config.data.resize_min = config.data.resize_max = 512
-  config.data.crop_size = (512, 1024)
-  config.data.flip_prob = 0.0
-  config.data.eval_image_size = (512, 1024)
-  config.eval.aggregate = False
-  config.train.checkpoint_every = 5000
-  config.train.eval_every = 5000
+  default.use_baseline_setting(config, "adaptsegnet", source,
+                               num_steps=150_000, schedule_steps=250_000)
   return config

@@ -64,6 +64,35 @@ def use_paper_setting(config, source, num_classes, train_epochs,
       world_size=RELEASE_GPUS, accumulation=config.train.grad_accum_steps)
 
 
+def use_baseline_setting(config, method, source, *, num_steps,
+                         schedule_steps):
+  """A DeepLab-V2 R101 baseline's paper setting (AdaptSegNet, FDA).
+
+  As their code bases train: batch 1 per domain, heads at 10x the learning
+  rate, no flips, 512x1024 inputs (one crop size for both domains here),
+  evaluation at 512x1024 without test-time aggregation.
+  """
+  classes = {"gta5": 19, "synthia": 16}
+  if source not in classes:
+    raise ValueError(f"config argument {source!r}; expected one of "
+                     f"{sorted(classes)}")
+  config.method = method
+  use_paper_setting(config, source, num_classes=classes[source],
+                    train_epochs=1, horizon_epochs=1)
+  config.train.batch_size = 1
+  config.train.grad_accum_steps = 1
+  config.train.num_steps = num_steps
+  config.optim.schedule_steps = schedule_steps
+  config.optim.head_lr_mult = 10.0
+  config.data.resize_min = config.data.resize_max = 512
+  config.data.crop_size = (512, 1024)
+  config.data.flip_prob = 0.0
+  config.data.eval_image_size = (512, 1024)
+  config.eval.aggregate = False
+  config.train.checkpoint_every = 5000
+  config.train.eval_every = 5000
+
+
 RELEASE_GPUS = 2  # the launch in the release's README
 
 

@@ -89,12 +89,8 @@ def generator_loss(params, batch_stats, micro, disc_params, *, model,
     (total, (terms, new batch_stats, {level: (source probs, target
     probs)} stop-gradient, for the discriminators' update)).
   """
-  out_s, batch_stats = base.forward(
-      model, params, batch_stats, base.encode(micro["source"]["image"],
-                                              config))
-  out_t, batch_stats = base.forward(
-      model, params, batch_stats, base.encode(micro["target"]["image"],
-                                              config))
+  out_s, out_t, batch_stats = base.forward_pair(model, params, batch_stats,
+                                               micro, config)
   labels = base.labels_of(micro, "source")
   size = labels.shape[1:3]
   ignore = config.loss.ignore_label

@@ -127,6 +127,27 @@ def forward(model, params, batch_stats, images):
   return out, updates["batch_stats"]
 
 
+def forward_pair(model, params, batch_stats, micro, config):
+  """Source then target through the network as two training-mode passes
+  (per-domain BatchNorm statistics): (out_s, out_t, new statistics)."""
+  out_s, batch_stats = forward(model, params, batch_stats,
+                               encode(micro["source"]["image"], config))
+  out_t, batch_stats = forward(model, params, batch_stats,
+                               encode(micro["target"]["image"], config))
+  return out_s, out_t, batch_stats
+
+
+def segmentation_grads(loss_fn, variables, *args):
+  """`micro_batch_grads` of a method that trains only the segmentation
+  network: `loss_fn(params, batch_stats, *args)` returns (total, (terms,
+  new batch_stats))."""
+  seg = variables[SEGMENTATION]
+  (loss, (terms, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(seg["params"], seg["batch_stats"], *args)
+  return ({SEGMENTATION: grads}, {SEGMENTATION: batch_stats},
+          {"loss": loss, **terms})
+
+
 def labels_of(micro, domain, field="label"):
   return micro[domain][field].astype(jnp.int32)
 

@@ -139,11 +139,6 @@ class FDA(base.Method):
 
   def micro_batch_grads(self, variables, micro, rng, step):
     del rng
-    seg = variables[base.SEGMENTATION]
-    grad_fn = jax.value_and_grad(functools.partial(
+    return base.segmentation_grads(functools.partial(
         fda_loss, model=self.model, config=self.config, block=self.block),
-                                 has_aux=True)
-    (loss, (terms, batch_stats)), grads = grad_fn(
-        seg["params"], seg["batch_stats"], micro, step)
-    return ({base.SEGMENTATION: grads}, {base.SEGMENTATION: batch_stats},
-            {"loss": loss, **terms})
+                                   variables, micro, step)

@@ -21,12 +21,8 @@ def micro_batch_loss(params, batch_stats, micro, *, model, config):
   `micro` is {"source": {"image", "label"}, "target": {...}} with uint8
   images (N, H, W, 3); the parameters are what gradients are taken of.
   """
-  out_s, batch_stats = base.forward(
-      model, params, batch_stats, base.encode(micro["source"]["image"],
-                                              config))
-  out_t, batch_stats = base.forward(
-      model, params, batch_stats, base.encode(micro["target"]["image"],
-                                              config))
+  out_s, out_t, batch_stats = base.forward_pair(model, params, batch_stats,
+                                               micro, config)
   labels = base.labels_of(micro, "source")
   # Target labels, when the config loads them (synthetic data, analysis),
   # feed only the "*_correct" association statistics, never a loss.

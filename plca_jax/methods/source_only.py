@@ -50,11 +50,6 @@ class SourceOnly(base.Method):
 
   def micro_batch_grads(self, variables, micro, rng, step):
     del rng, step
-    seg = variables[base.SEGMENTATION]
-    grad_fn = jax.value_and_grad(functools.partial(
+    return base.segmentation_grads(functools.partial(
         source_loss, model=self.model, config=self.config, block=self.block),
-                                 has_aux=True)
-    (loss, (terms, batch_stats)), grads = grad_fn(
-        seg["params"], seg["batch_stats"], micro)
-    return ({base.SEGMENTATION: grads}, {base.SEGMENTATION: batch_stats},
-            {"loss": loss, **terms})
+                                   variables, micro)
