@@ -82,11 +82,17 @@ DIAGNOSTIC_SUFFIXES = ("_consistent", "_reached", "_correct", "grad_norm",
 
 
 def progress_line(step, num_steps, steps_per_sec, values, max_terms=6):
-  """One line per log step: step, rate, ETA, loss and the main terms."""
-  eta = (num_steps - step) / steps_per_sec if steps_per_sec > 0 else 0.0
+  """One line per log step: step, rate, ETA, loss and the main terms.
+
+  `steps_per_sec` None (the first update, which compiles): no rate yet.
+  """
+  if steps_per_sec:
+    speed = (f"{steps_per_sec:.2f} steps/s | ETA "
+             f"{format_duration((num_steps - step) / steps_per_sec)}")
+  else:
+    speed = "compiled"
   terms = [(k.removeprefix("train/"), v) for k, v in values.items()
            if k != "train/loss" and not k.endswith(DIAGNOSTIC_SUFFIXES)]
   text = " ".join(f"{k} {v:.4g}" for k, v in terms[:max_terms])
-  return (f"step {step}/{num_steps} | {steps_per_sec:.2f} steps/s | "
-          f"ETA {format_duration(eta)} | loss {values['train/loss']:.4f} | "
-          f"{text}")
+  return (f"step {step}/{num_steps} | {speed} | "
+          f"loss {values['train/loss']:.4f} | {text}")

@@ -373,6 +373,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       collection = update if collection is None else collection.merge(update)
       if step <= start_step + 3:
         logging.info("Finished step %d.", step, extra=console.FILE_ONLY)
+      if step == start_step + 1:  # rates and ETA leave compilation out
+        jax.block_until_ready(scalars)
+        last_log = (step, time.perf_counter())
       for hook in hooks:
         hook(step)
       last = step == num_steps
@@ -380,7 +383,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         values = _write_train_metrics(writer, step, collection, skipped,
                                       method)
         now = time.perf_counter()
-        rate = (step - last_log[0]) / max(now - last_log[1], 1e-9)
+        rate = ((step - last_log[0]) / max(now - last_log[1], 1e-9)
+                if step > last_log[0] else None)
         last_log = (step, now)
         logging.info("%s", console.progress_line(step, num_steps, rate,
                                                  values))
