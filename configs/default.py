@@ -13,7 +13,7 @@ def domain(name, root="", split="train", *, require_labels=True,
            synthetic_domain="source", num_images=0):
   """One dataset of the data config (source, target or eval)."""
   return ml_collections.ConfigDict(dict(
-      name=name,  # synthia | cityscapes | gta5 | synthetic
+      name=name,  # synthia | cityscapes | cityscapes_tfds | gta5 | synthetic
       root=root,  # dataset directory (README, "Datasets")
       split=split,  # Cityscapes split; synthetic: "train" or "val"
       # Fail when labels are missing; False reads them only if present

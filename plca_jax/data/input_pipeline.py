@@ -30,10 +30,11 @@ from plca_jax.data import pairing as pairing_lib
 from plca_jax.data import synthetic
 from plca_jax.data import transforms
 from plca_jax.data.sources import cityscapes
+from plca_jax.data.sources import cityscapes_tfds
 from plca_jax.data.sources import gta5
 from plca_jax.data.sources import synthia
 
-DATASETS = ("synthia", "cityscapes", "gta5", "synthetic")
+DATASETS = ("synthia", "cityscapes", "cityscapes_tfds", "gta5", "synthetic")
 
 
 def create_source(domain_config, data_config, num_classes):
@@ -48,7 +49,8 @@ def create_source(domain_config, data_config, num_classes):
   name = domain_config.name
   kwargs = dict(require_labels=domain_config.require_labels,
                 on_error=data_config.on_error)
-  if name in ("synthia", "cityscapes", "gta5") and not domain_config.root:
+  if name in ("synthia", "cityscapes", "cityscapes_tfds",
+              "gta5") and not domain_config.root:
     raise ValueError(f"data root for {name!r} is empty: set "
                      "--config.data.<source|target|eval>.root=/path/to/"
                      f"{name} (see README, 'Datasets')")
@@ -57,6 +59,10 @@ def create_source(domain_config, data_config, num_classes):
   if name == "cityscapes":
     return cityscapes.Cityscapes(domain_config.root, domain_config.split,
                                  num_classes, **kwargs)
+  if name == "cityscapes_tfds":
+    return cityscapes_tfds.CityscapesTFDS(domain_config.root,
+                                          domain_config.split, num_classes,
+                                          **kwargs)
   if name == "gta5":
     return gta5.GTA5(domain_config.root, num_classes, **kwargs)
   if name == "synthetic":
