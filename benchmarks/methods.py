@@ -72,9 +72,15 @@ def train(workdir, method, seed, steps, *extra):
 
 
 def result(workdir):
-  """(final target mIoU in %, median seconds per update)."""
+  """(final target mIoU in %, median seconds per update).
+
+  The training run's own final evaluation: the first eval record of the
+  last step (eval-only runs on the workdir append theirs after it).
+  """
   records = _metrics(workdir)
-  miou = [r["eval/miou"] for r in records if "eval/miou" in r][-1]
+  last = max(r["step"] for r in records if "eval/miou" in r)
+  miou = [r["eval/miou"] for r in records
+          if "eval/miou" in r and r["step"] == last][0]
   rates = [r["steps_per_sec"] for r in records if "steps_per_sec" in r]
   # The first report includes compilation.
   rate = statistics.median(rates[1:] if len(rates) > 1 else rates)
