@@ -7,8 +7,10 @@ Every similarity used here has the form D(a_i, b_j) = A_i . B_j + c_i:
 With that, spatial aggregation and both directions of the cycle are one
 row-wise kernel: a row of D is a (L,) vector computed from one left pixel and
 the whole right image. Rows are processed `chunk_size` at a time
-(`jax.lax.scan` over row chunks), so no L x L matrix ever exists: peak memory
-is O(chunk_size * L + L * C). Both the aggregation and the cycle are fused
+(`jax.lax.scan` over row chunks, each reading its rows straight from the
+unpadded (L, C) arrays and writing its outputs into carries), so no L x L
+matrix and no padded or stacked copy of an (L, C) array ever exists: peak
+memory is O(chunk_size * L + L * C). Both the aggregation and the cycle are fused
 custom VJPs (see the comments above `_aggregate_rows` and `_cycle_rows`):
 what they keep for the backward pass is O(L * C) per image (the aggregation's
 input, or the cycle's gradient) plus a few numbers per row, and their
@@ -60,19 +62,37 @@ def _chunk_geometry(num_rows, chunk_size):
   return chunk, -(-num_rows // chunk)
 
 
-def _chunks(x, chunk_size, pad_value=0):
-  """(L, ...) -> (num_chunks, chunk, ...), padded at the end."""
-  num_rows = x.shape[0]
-  chunk, num_chunks = _chunk_geometry(num_rows, chunk_size)
-  pad = num_chunks * chunk - num_rows
-  x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1),
-              constant_values=pad_value)
-  return x.reshape(num_chunks, chunk, *x.shape[1:])
+def _row_block(k, chunk, num_rows):
+  """Chunk k's rows: (start, fresh).
+
+  Rows [start, start + chunk) are read straight from the unpadded arrays:
+  start = min(k chunk, num_rows - chunk), so the last chunk ends at the last
+  row and may overlap its predecessor; `fresh` (chunk,) marks the rows no
+  earlier chunk had. Outputs take only fresh rows and gradient
+  contributions of the others are zeroed, so no padded copy of an (L, C)
+  array is ever made.
+  """
+  start = jnp.minimum(k * chunk, num_rows - chunk)
+  return start, start + jnp.arange(chunk) >= k * chunk
 
 
-def _unchunk(x, num_rows):
-  """Inverse of `_chunks`: (num_chunks, chunk, ...) -> (num_rows, ...)."""
-  return x.reshape(-1, *x.shape[2:])[:num_rows]
+def _rows(x, start, chunk):
+  """x[start:start + chunk] (dynamic start)."""
+  return jax.lax.dynamic_slice_in_dim(x, start, chunk, 0)
+
+
+def _put_rows(acc, start, rows, fresh):
+  """acc[start:start + R] = rows, for the fresh rows only."""
+  old = _rows(acc, start, rows.shape[0])
+  mask = fresh.reshape((-1,) + (1,) * (rows.ndim - 1))
+  return jax.lax.dynamic_update_slice_in_dim(
+      acc, jnp.where(mask, rows.astype(acc.dtype), old), start, 0)
+
+
+def _add_at(acc, start, rows):
+  """acc[start:start + R] += rows, in place."""
+  old = _rows(acc, start, rows.shape[0])
+  return jax.lax.dynamic_update_slice_in_dim(acc, old + rows, start, 0)
 
 
 def _row_stats(d, normalize):
@@ -158,27 +178,6 @@ def _similarity_rows(a_r, c_r, v, rb):
   return (a_r @ v.T) * rb[None, :] + c_r[:, None]
 
 
-def _add_rows(acc, k, rows):
-  """acc[k R:(k + 1) R] += rows, rows (R, ...): chunk k of R rows, in place.
-
-  `acc` has the padded row count of `_chunks` (a multiple of R).
-  """
-  start = k * rows.shape[0]
-  old = jax.lax.dynamic_slice_in_dim(acc, start, rows.shape[0])
-  return jax.lax.dynamic_update_slice_in_dim(acc, old + rows, start, 0)
-
-
-def _add_full(acc, full):
-  """acc[:L] += full (L, ...), acc padded like `_add_rows`'s."""
-  return acc.at[:full.shape[0]].add(full)
-
-
-def _padded_zeros(x, chunk_size):
-  """Zeros of x's shape with the padded row count of `_chunks(x, ...)`."""
-  chunk, num_chunks = _chunk_geometry(x.shape[0], chunk_size)
-  return jnp.zeros((chunk * num_chunks,) + x.shape[1:], x.dtype)
-
-
 # Spatial aggregation (eq. 7-8) of one image as one custom VJP. The forward
 # keeps its input and, per row, the constants of the row softmax (mean,
 # scale, log-sum-exp); the backward recomputes each chunk's similarity rows
@@ -188,22 +187,30 @@ def _padded_zeros(x, chunk_size):
 
 
 def _aggregate_rows(x, metric, alpha, chunk_size):
-  """x (L, C) -> (output (L, C) float32+, row statistics)."""
+  """x (L, C) -> (output (L, C) float32+, row statistics (mean, scale, lse))."""
   xf = at_least_f32(x)
   u, ra, c, v, rb = _scaled_operands(xf, metric)
+  n = xf.shape[0]
+  chunk, num_chunks = _chunk_geometry(n, chunk_size)
 
-  def body(_, rows):
-    u_r, ra_r, c_r = rows
+  def body(carry, k):
+    out, mean, scale, lse = carry
+    start, fresh = _row_block(k, chunk, n)
+    u_r, ra_r, c_r, x_r = (_rows(y, start, chunk) for y in (u, ra, c, xf))
     d = _similarity_rows(u_r * ra_r[:, None], c_r, v, rb)
-    mean, scale, lse = _row_stats(d, metric == "cos")
-    w = jnp.exp((d - mean) / scale - lse)
-    return None, (w @ xf, mean, scale, lse)
+    m, sc, l = _row_stats(d, metric == "cos")
+    w = jnp.exp((d - m) / sc - l)
+    rows = (1.0 - alpha) * x_r + alpha * (w @ xf)
+    return (_put_rows(out, start, rows, fresh),
+            _put_rows(mean, start, m, fresh),
+            _put_rows(scale, start, sc, fresh),
+            _put_rows(lse, start, l, fresh)), None
 
-  _, (wx, *stats) = jax.lax.scan(
-      body, None, tuple(_chunks(y, chunk_size) for y in (u, ra, c)))
-  n = x.shape[0]
-  out = (1.0 - alpha) * xf + alpha * _unchunk(wx, n)
-  return out, tuple(_unchunk(y, n) for y in stats)
+  column = jnp.zeros((n, 1), xf.dtype)
+  (out, *stats), _ = jax.lax.scan(
+      body, (jnp.zeros_like(xf), column, column, column),
+      jnp.arange(num_chunks))
+  return out, tuple(stats)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -221,33 +228,36 @@ def _aggregate_bwd(metric, alpha, chunk_size, res, g):
   xf = at_least_f32(x)
   u, ra, c, v, rb = _scaled_operands(xf, metric)
   shared = metric == "cos"  # A and B both scale x: one accumulator
+  n = xf.shape[0]
+  chunk, num_chunks = _chunk_geometry(n, chunk_size)
 
-  def body(carry, rows):
-    dx, da_acc, db = carry
-    k, u_r, ra_r, c_r, g_r, mean_r, scale_r, lse_r = rows
+  def body(carry, k):
+    dx, da_acc, db, dc = carry
+    start, fresh = _row_block(k, chunk, n)
+    u_r, ra_r, c_r, mean_r, scale_r, lse_r = (
+        _rows(y, start, chunk) for y in (u, ra, c, mean, scale, lse))
+    # Rows an earlier chunk had contribute nothing.
+    g_r = alpha * _rows(g, start, chunk).astype(xf.dtype) * fresh[:, None]
     a_r = u_r * ra_r[:, None]
     w = jnp.exp((_similarity_rows(a_r, c_r, v, rb) - mean_r) / scale_r
                 - lse_r)  # W rows, recomputed once
     dw = g_r @ xf.T  # dL/dW, (R, L)
     dd = w * (dw - jnp.sum(w * dw, axis=-1, keepdims=True)) / scale_r
-    db = _add_full(db, dd.T @ a_r)  # dL/dB, B = diag(rb) v
+    db = db + dd.T @ a_r  # dL/dB, B = diag(rb) v
     da_r = (dd * rb[None, :]) @ v  # dL/dA rows
     if shared:
-      db = _add_rows(db, k, da_r)
+      db = _add_at(db, start, da_r)
     else:
-      da_acc = _add_rows(da_acc, k, da_r)
-    return (_add_full(dx, w.T @ g_r), da_acc, db), jnp.sum(dd, -1)
+      da_acc = _add_at(da_acc, start, da_r)
+    return (dx + w.T @ g_r, da_acc, db,
+            _add_at(dc, start, jnp.sum(dd, -1))), None
 
-  rows = (jnp.arange(_chunk_geometry(x.shape[0], chunk_size)[1]),)
-  rows += tuple(_chunks(y, chunk_size) for y in (u, ra, c, alpha * g, mean))
-  rows += (_chunks(scale, chunk_size, 1.0), _chunks(lse, chunk_size))
-  zeros = _padded_zeros(xf, chunk_size)
-  (dx, da, db), dc = jax.lax.scan(
-      body, (zeros, None if shared else zeros, zeros), rows)
-  n = x.shape[0]
-  dx_operands = _operands_grad(xf, metric, None if shared else da[:n],
-                               _unchunk(dc, n), db[:n])
-  return (((1.0 - alpha) * g + dx[:n] + dx_operands).astype(x.dtype),)
+  zeros = jnp.zeros_like(xf)
+  (dx, da, db, dc), _ = jax.lax.scan(
+      body, (zeros, None if shared else zeros, zeros,
+             jnp.zeros((n,), xf.dtype)), jnp.arange(num_chunks))
+  dx_operands = _operands_grad(xf, metric, None if shared else da, dc, db)
+  return (((1.0 - alpha) * g + dx + dx_operands).astype(x.dtype),)
 
 
 _aggregate_single.defvjp(_aggregate_fwd, _aggregate_bwd)
@@ -324,8 +334,14 @@ def _cycle_rows(s, t, labels, metric, ignore_label, chunk_size, sim_plca,
     z = (d - mean) / scale
     return jnp.exp(_pick(z, idx) - lse[:, 0]), jnp.exp(z - lse), scale
 
-  def body(carry, rows):
-    k, u_r, ra_r, c_r, y_r, valid_r = rows
+  n = sf.shape[0]
+  chunk, num_chunks = _chunk_geometry(n, chunk_size)
+
+  def body(carry, k):
+    outs, grads = carry
+    start, fresh = _row_block(k, chunk, n)
+    u_r, ra_r, c_r, y_r, valid_r = (
+        _rows(y, start, chunk) for y in (u_s, ra_s, c_s, labels, valid))
     a_r = u_r * ra_r[:, None]
     d_st = _similarity_rows(a_r, c_r, v_t, rb_t)  # D_st(i, :), (R, Lt)
     j = jnp.argmax(d_st, axis=1)  # first index on ties
@@ -340,10 +356,12 @@ def _cycle_rows(s, t, labels, metric, ignore_label, chunk_size, sim_plca,
       p_ts, probs_ts, scale_ts = scores(d_ts, i_back)
       p = p_st * p_ts
       loss = bce_positive(p)
-    out = (loss, j, i_back, selected)
+    outs = tuple(_put_rows(acc, start, rows, fresh) for acc, rows in
+                 zip(outs, (loss, j, i_back, selected)))
     if not with_grads:
-      return carry, out
-    w = selected.astype(dtype)
+      return (outs, grads), None
+    # Rows an earlier chunk had contribute nothing.
+    w = (selected & fresh).astype(dtype)
     if sim_plca:
       g_st = -w[:, None] * _one_hot_minus(j, jnp.zeros_like(d_st))
       g_ts = -w[:, None] * _one_hot_minus(i_back, jnp.zeros_like(d_ts))
@@ -351,13 +369,14 @@ def _cycle_rows(s, t, labels, metric, ignore_label, chunk_size, sim_plca,
       u = (w * _bce_grad(p) * p)[:, None]
       g_st = u * _one_hot_minus(j, probs_st) / scale_st
       g_ts = u * _one_hot_minus(i_back, probs_ts) / scale_ts
-    da_s, db_s, da_t, db_t, dc_t = carry
+    da_s, db_s, dc_s, da_t, db_t, dc_t = grads
     da_r = (g_st * rb_t[None, :]) @ v_t  # dL/dA_s rows
     if shared:
-      db_s = _add_rows(db_s, k, da_r)
+      db_s = _add_at(db_s, start, da_r)
     else:
-      da_s = _add_rows(da_s, k, da_r)
-    db_s = _add_full(db_s, g_ts.T @ a_j)
+      da_s = _add_at(da_s, start, da_r)
+    db_s = db_s + g_ts.T @ a_j
+    dc_s = _add_at(dc_s, start, jnp.sum(g_st, -1))
     db_t = db_t + g_st.T @ a_r
     da_j = (g_ts * rb_s[None, :]) @ v_s
     if shared:
@@ -365,28 +384,24 @@ def _cycle_rows(s, t, labels, metric, ignore_label, chunk_size, sim_plca,
     else:
       da_t = da_t.at[j].add(da_j)
     dc_t = dc_t.at[j].add(jnp.sum(g_ts, -1))
-    return (da_s, db_s, da_t, db_t, dc_t), out + (jnp.sum(g_st, -1),)
+    return (outs, (da_s, db_s, dc_s, da_t, db_t, dc_t)), None
 
-  rows = (jnp.arange(_chunk_geometry(s.shape[0], chunk_size)[1]),)
-  rows += tuple(_chunks(y, chunk_size) for y in (u_s, ra_s, c_s, labels))
-  rows += (_chunks(valid, chunk_size),)  # padding rows are not valid
-  carry = None
+  outs = (jnp.zeros((n,), dtype), jnp.zeros((n,), jnp.int32),
+          jnp.zeros((n,), jnp.int32), jnp.zeros((n,), bool))
+  grads = None
   if with_grads:
-    zeros_s = _padded_zeros(sf, chunk_size)  # row chunks are added in place
-    carry = (None if shared else zeros_s, zeros_s,
-             None if shared else jnp.zeros_like(tf), jnp.zeros_like(tf),
-             jnp.zeros_like(c_t))
-  carry, outs = jax.lax.scan(body, carry, rows)
-  n = s.shape[0]
-  loss, j_star, i_star, selected = (_unchunk(y, n) for y in outs[:4])
+    zeros_s, zeros_t = jnp.zeros_like(sf), jnp.zeros_like(tf)
+    grads = (None if shared else zeros_s, zeros_s, jnp.zeros((n,), dtype),
+             None if shared else zeros_t, zeros_t, jnp.zeros_like(c_t))
+  (outs, grads), _ = jax.lax.scan(body, (outs, grads),
+                                  jnp.arange(num_chunks))
+  loss, j_star, i_star, selected = outs
   loss_sum = jnp.sum(jnp.where(selected, loss, 0.0))
-  result = (loss_sum, loss, j_star.astype(jnp.int32),
-            i_star.astype(jnp.int32), valid, selected)
+  result = (loss_sum, loss, j_star, i_star, valid, selected)
   if not with_grads:
     return result, None
-  da_s, db_s, da_t, db_t, dc_t = carry
-  ds = _operands_grad(sf, metric, None if shared else da_s[:n],
-                      _unchunk(outs[4], n), db_s[:n])
+  da_s, db_s, dc_s, da_t, db_t, dc_t = grads
+  ds = _operands_grad(sf, metric, da_s, dc_s, db_s)
   dt = _operands_grad(tf, metric, da_t, dc_t, db_t)
   return result, (ds.astype(s.dtype), dt.astype(t.dtype))
 
