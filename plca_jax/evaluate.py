@@ -69,6 +69,12 @@ def create_eval_step(config, model, mesh):
                                 sharding.batch_sharding(mesh)))
 
 
+def _local_rows(array):
+  """This process's rows of a batch-sharded global array, as NumPy."""
+  return np.concatenate([np.asarray(s.data)
+                         for s in array.addressable_shards])
+
+
 def evaluate(config, model, variables, mesh, step=None):
   """Runs the whole evaluation set (`step` from `create_eval_step`, or new).
 
@@ -90,8 +96,7 @@ def evaluate(config, model, variables, mesh, step=None):
     confusion = confusion.merge(
         metrics_lib.ConfusionMatrix(matrix=jax.device_get(matrix)))
     if k == 0 and config.eval.num_images > 0:
-      local = [np.asarray(s.data) for s in predictions.addressable_shards]
-      local = np.concatenate(local)[:config.eval.num_images]
+      local = _local_rows(predictions)[:config.eval.num_images]
       samples = [(batch["image"][i], batch["label"][i], local[i])
                  for i in range(len(local)) if batch["mask"][i]]
   counted = int(confusion.matrix.sum())
@@ -180,8 +185,7 @@ def predict_checkpoint(config, workdir, model=None):
   for batch in it:
     arrays = {key: batch[key] for key in ("image", "label", "mask")}
     _, predictions = step_fn(variables, sharding.to_global(arrays, mesh))
-    local = np.concatenate([np.asarray(s.data)
-                            for s in predictions.addressable_shards])
+    local = _local_rows(predictions)
     for i, name in enumerate(batch["name"]):
       if not batch["mask"][i]:
         continue

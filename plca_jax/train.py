@@ -31,16 +31,12 @@ from plca_jax import console
 from plca_jax import evaluate
 from plca_jax import methods
 from plca_jax import metrics as metrics_lib
-from plca_jax import optim
 from plca_jax import sharding
 from plca_jax import writers
 from plca_jax import xla
 from plca_jax.data import input_pipeline
 from plca_jax.methods import base
 
-# Kept for callers of the pre-methods API.
-create_learning_rate_fn = optim.create_learning_rate_fn
-create_optimizer = optim.create_optimizer
 TRAIN_KEY_STREAM = 1  # step_key: fold_in(key(seed), 1); init uses key(seed)
 
 class TrainState(train_state.TrainState):

@@ -150,7 +150,3 @@ def segmentation_grads(loss_fn, variables, *args):
 
 def labels_of(micro, domain, field="label"):
   return micro[domain][field].astype(jnp.int32)
-
-
-def stop(tree):
-  return jax.lax.stop_gradient(tree)
