@@ -89,6 +89,7 @@ def use_baseline_setting(config, method, source, *, num_steps,
   config.data.flip_prob = 0.0
   config.data.eval_image_size = (512, 1024)
   config.eval.aggregate = False
+  config.model.head_init = "normal_0.01"  # their DeepLab's classifier init
   config.train.checkpoint_every = 5000
   config.train.eval_every = 5000
 
@@ -142,6 +143,10 @@ def get_config():
   # the release's ImageNet initialisation) or "3x3" (torchvision's ResNets).
   # Must match the weights of `init_from` (checked before training).
   config.model.stride_on = "1x1"
+  # The head's initialisation (models.deeplab_v2.HEAD_INITS): the PLCA
+  # release leaves its ASPP convs at PyTorch's default ("torch_default");
+  # AdaptSegNet and FDA draw them from N(0, 0.01) ("normal_0.01").
+  config.model.head_init = "torch_default"
 
   # SPEC.md section 2. The ablation ladder of the paper's Table 1 is
   # use_ce; +use_lovasz; +use_fass; +use_cass; +use_lsr.

@@ -21,9 +21,12 @@ from plca_jax import train
 from plca_jax import writers
 from plca_jax.data import input_pipeline
 from plca_jax.methods import adaptsegnet
+from plca_jax.methods import base
 from plca_jax.methods import fda
 from plca_jax.methods import mbt
+from plca_jax.methods import plca
 from plca_jax.methods import pseudo_labels
+from plca_jax.models import resnet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,6 +60,42 @@ class RegistryTest(absltest.TestCase):
       if cls.default_config() is not None:
         self.assertEqual(config[name].to_dict(),
                          cls.default_config().to_dict())
+
+
+class BatchNormOrderTest(absltest.TestCase):
+
+  def test_plca_runs_target_then_source(self):
+    # SPEC.md s. 1: the release's running statistics are those of a target
+    # pass followed by a source pass. Training-mode batch statistics do not
+    # depend on the running ones, so each domain's pass alone from the same
+    # start gives bs_d = m * bs0 + (1 - m) * mu_d, and target-then-source is
+    # m * bs_t + (1 - m) * mu_s = m * bs_t + bs_s - m * bs0.
+    config = _config("plca")
+    config.loss.use_lovasz = False
+    method = methods.get_method(config)
+    model = method.model
+    rng = np.random.default_rng(0)
+    micro = {d: {"image": rng.integers(0, 256, (2, 32, 32, 3), np.uint8),
+                 "label": rng.integers(0, 4, (2, 32, 32), np.uint8)}
+             for d in base.DOMAINS}
+    micro["target"]["image"] //= 2  # a different domain: other statistics
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    params, bs0 = variables["params"], variables["batch_stats"]
+    alone = {d: base.forward(model, params, bs0,
+                             base.encode(micro[d]["image"], config))[1]
+             for d in base.DOMAINS}
+    _, (_, got) = plca.micro_batch_loss(params, bs0, micro, model=model,
+                                        config=config)
+    m = resnet.ResNet.bn_momentum
+    order = lambda first, second: jax.tree.map(
+        lambda a, b, z: m * a + b - m * z, alone[first], alone[second], bs0)
+    target_first = order("target", "source")
+    source_first = order("source", "target")
+    gap = lambda x, y: max(jax.tree.leaves(jax.tree.map(
+        lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+        x, y)))
+    self.assertLess(gap(got, target_first), 1e-5)
+    self.assertGreater(gap(got, source_first), 1e-3)
 
 
 class AdaptSegNetTest(absltest.TestCase):

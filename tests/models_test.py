@@ -91,6 +91,32 @@ class DeepLabV2Test(parameterized.TestCase):
       np.testing.assert_allclose(parts[i], np.moveaxis(expected, 1, -1),
                                  rtol=1e-4, atol=1e-4)
 
+  def test_head_initialisation_matches_pytorch_default(self):
+    # The release leaves its ASPP convs at torch's default Conv2d init:
+    # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 9 * C_in (SPEC.md s. 1).
+    c_in, classes = 256, 16
+    x = jnp.zeros((1, 8, 8, c_in))
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(c_in, classes, 3, bias=False).weight.detach()
+    ref = ref.numpy().astype(np.float64)
+    bound = 1 / np.sqrt(9 * c_in)
+    for init, std, limit in (("torch_default", ref.std(), bound),
+                             ("normal_0.01", 0.01, None)):
+      head = models.deeplab_v2.ASPPHead(num_classes=classes, initializer=init)
+      params = head.init(jax.random.key(1), x)["params"]
+      kernel = np.concatenate([np.ravel(p["kernel"]) for p in params.values()])
+      self.assertLess(abs(kernel.std() / std - 1), 0.02, init)
+      if limit is not None:
+        self.assertLessEqual(np.abs(kernel).max(), limit)
+        self.assertGreater(np.abs(kernel).max(), 0.99 * limit)
+        self.assertAlmostEqual(abs(kernel.mean()) / std, 0, delta=0.02)
+    config = default_config.get_config()
+    self.assertEqual(models.get_model(config).head_init, "torch_default")
+    config.model.head_init = "xavier"
+    with self.assertRaisesRegex(ValueError, "head_init='xavier'"):
+      models.get_model(config).init(jax.random.key(0), jnp.zeros(
+          (1, 16, 16, 3)))
+
   def test_tiny_model_train_and_eval_modes(self):
     model = models.DeepLabV2(num_classes=5, depth=18, width=8)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 41, 37, 3)),

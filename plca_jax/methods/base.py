@@ -127,14 +127,23 @@ def forward(model, params, batch_stats, images):
   return out, updates["batch_stats"]
 
 
-def forward_pair(model, params, batch_stats, micro, config):
-  """Source then target through the network as two training-mode passes
-  (per-domain BatchNorm statistics): (out_s, out_t, new statistics)."""
-  out_s, batch_stats = forward(model, params, batch_stats,
-                               encode(micro["source"]["image"], config))
-  out_t, batch_stats = forward(model, params, batch_stats,
-                               encode(micro["target"]["image"], config))
-  return out_s, out_t, batch_stats
+def forward_pair(model, params, batch_stats, micro, config, *,
+                 first="source"):
+  """Source and target through the network as two training-mode passes
+  (per-domain BatchNorm statistics): (out_s, out_t, new statistics).
+
+  `first` is the domain that goes through first. The outputs do not depend
+  on it (training-mode BatchNorm normalises with batch statistics) but the
+  running statistics used at evaluation do: the second pass's batch weighs
+  1 - momentum in them, the first's (1 - momentum) * momentum.
+  """
+  if first not in DOMAINS:
+    raise ValueError(f"first={first!r}; expected one of {DOMAINS}")
+  out = {}
+  for domain in (first, *(d for d in DOMAINS if d != first)):
+    out[domain], batch_stats = forward(model, params, batch_stats,
+                                       encode(micro[domain]["image"], config))
+  return out["source"], out["target"], batch_stats
 
 
 def segmentation_grads(loss_fn, variables, *args):

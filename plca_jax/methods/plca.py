@@ -1,6 +1,6 @@
 """PLCA (Kang et al., NeurIPS 2020): the project's method (SPEC.md s. 2).
 
-Per micro-batch, source and target go through the network as two forward
+Per micro-batch, target then source go through the network as two forward
 passes (per-domain BatchNorm statistics over the global batch) and the PLCA
 objective (`plca_jax.losses.total_loss`, switches and weights in
 `config.loss`) is differentiated with respect to the segmentation network.
@@ -21,8 +21,10 @@ def micro_batch_loss(params, batch_stats, micro, *, model, config):
   `micro` is {"source": {"image", "label"}, "target": {...}} with uint8
   images (N, H, W, 3); the parameters are what gradients are taken of.
   """
+  # Target first, then source, as the release (SPEC.md s. 1): the running
+  # BatchNorm statistics used at evaluation lean to the source.
   out_s, out_t, batch_stats = base.forward_pair(model, params, batch_stats,
-                                               micro, config)
+                                               micro, config, first="target")
   labels = base.labels_of(micro, "source")
   # Target labels, when the config loads them (synthetic data, analysis),
   # feed only the "*_correct" association statistics, never a loss.

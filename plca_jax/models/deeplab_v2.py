@@ -7,8 +7,23 @@ import jax.numpy as jnp
 
 from plca_jax.models import resnet
 
-# DeepLab-V2's classifier init (normal, std 0.01).
-head_init = nn.initializers.normal(0.01)
+# Initialisations of the head's convs (SPEC.md s. 1), by `head_init` name:
+# "torch_default" is PyTorch's default Conv2d init, kaiming-uniform with
+# a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = 9 * C_in:
+# what the PLCA release leaves its ASPP convs at. "normal_0.01" is N(0, 0.01),
+# what DeepLab-V2's Caffe prototxt and the AdaptSegNet / FDA code set.
+HEAD_INITS = {
+    "torch_default": nn.initializers.variance_scaling(1 / 3, "fan_in",
+                                                      "uniform"),
+    "normal_0.01": nn.initializers.normal(0.01),
+}
+
+
+def head_initializer(name):
+  if name not in HEAD_INITS:
+    raise ValueError(f"config.model.head_init={name!r}; expected one of "
+                     f"{sorted(HEAD_INITS)}")
+  return HEAD_INITS[name]
 
 
 class ASPPHead(nn.Module):
@@ -16,6 +31,7 @@ class ASPPHead(nn.Module):
   num_classes: int
   rates: Sequence[int] = (6, 12, 18, 24)
   dtype: Any = jnp.float32
+  initializer: str = "torch_default"  # a HEAD_INITS name
 
   @nn.compact
   def __call__(self, x):
@@ -24,7 +40,8 @@ class ASPPHead(nn.Module):
       out = out + nn.Conv(
           self.num_classes, (3, 3), padding=[(r, r), (r, r)],
           kernel_dilation=(r, r), use_bias=False, dtype=self.dtype,
-          kernel_init=head_init, name=f"conv{i}")(x)
+          kernel_init=head_initializer(self.initializer),
+          name=f"conv{i}")(x)
     return out
 
 
@@ -52,6 +69,7 @@ class DeepLabV2(nn.Module):
   block_barrier: bool = False
   aux_head: bool = False
   stride_on: str = "1x1"  # see resnet.ResNet
+  head_init: str = "torch_default"  # see HEAD_INITS
 
   def setup(self):
     self.backbone = resnet.ResNet(depth=self.depth, width=self.width,
@@ -60,10 +78,11 @@ class DeepLabV2(nn.Module):
                                   return_layer3=self.aux_head,
                                   stride_on=self.stride_on)
     self.classifier = ASPPHead(self.num_classes, self.aspp_rates,
-                               dtype=self.dtype)
+                               dtype=self.dtype, initializer=self.head_init)
     if self.aux_head:
       self.aux_classifier = ASPPHead(self.num_classes, self.aspp_rates,
-                                     dtype=self.dtype)
+                                     dtype=self.dtype,
+                                     initializer=self.head_init)
 
   def classify(self, features):
     return self.classifier(features)
