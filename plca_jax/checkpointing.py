@@ -1,11 +1,16 @@
 """orbax checkpoints: train state + data iterator, and `init_from` loading.
 
-Layout: WORKDIR/checkpoints/<step>/{state,data}. `state` is the TrainState
-(params, BatchNorm statistics, optimizer state, step, and under "extra" the
-same for each other network of the method, e.g. a discriminator); `data` is
-the grain iterator state of every process, so a resumed run sees exactly
-the batches it would have seen. Checkpoints written before methods had
-other networks (no "extra") restore into a state whose "extra" is empty.
+Layout: WORKDIR/checkpoints/<step>/{state,data_stream}. `state` is the
+TrainState (params, BatchNorm statistics, optimizer state, step, and under
+"extra" the same for each other network of the method, e.g. a
+discriminator); `data_stream` is the training iterator's topology-free state
+(JSON, written once: records consumed of the global record stream, and the
+class-overlap pairing table), so a resumed run sees exactly the batches it
+would have seen, on any number of processes. Checkpoints written before
+methods had other networks (no "extra") restore into a state whose "extra"
+is empty. Checkpoints of the older per-process data format (`data/
+process_<i>-of-<n>.json`, grain's handler) restore with the same process
+count (`_legacy_data_state`).
 
 `init_from` points at either a plca_jax workdir (its latest checkpoint's
 params and statistics are used) or a directory holding a StandardCheckpoint
@@ -20,10 +25,12 @@ import re
 
 from absl import logging
 from etils import epath
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from plca_jax.data import input_pipeline
+from plca_jax.data import pairing as pairing_lib
 
 
 def workdir_path(workdir):
@@ -41,14 +48,19 @@ def create_manager(workdir, keep=3):
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(workdir_path(workdir) / "checkpoints",
-                               options=options, item_names=("state", "data"))
+                               options=options,
+                               item_names=("state", DATA_ITEM))
+
+
+DATA_ITEM = "data_stream"
+LEGACY_DATA_ITEM = "data"  # grain's per-process files, before the stream
 
 
 def save(manager, step, state, data_iterator):
   """Saves (asynchronously) the state and the iterator at `step`."""
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      data=grain.checkpoint.CheckpointSave(data_iterator)))
+      **{DATA_ITEM: ocp.args.JsonSave(data_iterator.get_state())}))
 
 
 def _saved_tree(manager, step):
@@ -78,12 +90,88 @@ def restore(manager, step, abstract_state, data_iterator):
         f"{['segmentation', *saved_networks]} but the method trains "
         f"{['segmentation', *wanted]}: resume with the config.method it was "
         "written with, or use another workdir")
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target),
-      data=grain.checkpoint.CheckpointRestore(data_iterator)))["state"]
+  directory = epath.Path(manager.directory) / str(step)
+  if (directory / DATA_ITEM).exists():
+    items = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target),
+        **{DATA_ITEM: ocp.args.JsonRestore()}))
+    data_iterator.set_state(items[DATA_ITEM])
+  else:
+    data_state = _legacy_data_state(directory / LEGACY_DATA_ITEM)
+    items = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))
+    data_iterator.set_state(data_state)
+  restored = items["state"]
   if isinstance(target, dict):
     return abstract_state.replace(**restored)
   return restored
+
+
+def _legacy_position(inner, path):
+  """Batches consumed, from a grain iterator state of the old format."""
+  if "next_index" in inner:
+    return int(inner["next_index"])
+  if "iterators_in_use_states" in inner:  # mp_prefetch: one per worker
+    return sum(int(w["next_index"]) for w in inner["iterators_in_use_states"])
+  raise ValueError(f"{path}: unknown grain iterator state {sorted(inner)}; "
+                   "resume this workdir with the plca_jax version that "
+                   "wrote it, or start a new workdir")
+
+
+def _legacy_data_state(directory):
+  """The global-stream state equivalent to an old per-process data item.
+
+  The old format (grain's handler) wrote one file per process, each with
+  that process's position in its own shard of the data. Each process had
+  consumed one local batch per global batch, so the global position is
+  that count times the global batch; from there the run continues on the
+  global record stream (a different order of records than the old
+  pipeline would have drawn, logged as a warning). The class-overlap table
+  is the union of the processes' tables. Needs the process count that
+  wrote it: the old positions belong to that count's sharding.
+  """
+  count = jax.process_count()
+  files = sorted(directory.glob("process_*-of-*.json")) if (
+      directory.exists()) else []
+  if not files:
+    raise ValueError(f"checkpoint {directory.parent} has neither "
+                     f"{DATA_ITEM}/ nor per-process {LEGACY_DATA_ITEM}/ "
+                     "files: it is incomplete")
+  written_by = {int(f.name.rsplit("-of-", 1)[1].removesuffix(".json"))
+                for f in files}
+  if written_by != {count}:
+    raise ValueError(
+        f"checkpoint {directory.parent} holds the data position in the "
+        f"per-process format of plca_jax before the global record stream, "
+        f"written by {sorted(written_by)} process(es); this run has {count}. "
+        "That format records each process's position in its own shard, "
+        "which only the same process count can continue: resume with "
+        f"{sorted(written_by)[0]} process(es) (later checkpoints are "
+        "topology-free), or start a new workdir")
+  states = [json.loads(f.read_text()) for f in files]
+  own = states[jax.process_index()]
+  pairing = "inner" in own and "table" in own
+  path = files[jax.process_index()]
+  batches = _legacy_position(own["inner"] if pairing else own, path)
+  logging.warning(
+      "%s: data position in the old per-process format (%d batches per "
+      "process); continuing on the global record stream from global batch "
+      "%d, whose record order differs from the old pipeline's.",
+      directory, batches, batches)
+  stream = {"format": input_pipeline.STATE_FORMAT, "legacy_batches": batches}
+  if not pairing:
+    return stream
+  shape = tuple(own["shape"])
+  table = np.zeros(shape, bool)
+  known = np.zeros(shape[:1], bool)
+  for state in states:
+    known_p = pairing_lib.unpack(state["known"], shape[:1])
+    table[known_p] = pairing_lib.unpack(state["table"], shape)[known_p]
+    known |= known_p
+  if own["mode"] == "labels":
+    table = pairing_lib.unpack(own["table"], shape)
+  return {"inner": stream, "mode": own["mode"], "shape": list(shape),
+          "table": pairing_lib.pack(table), "known": pairing_lib.pack(known)}
 
 
 def _flat(tree):

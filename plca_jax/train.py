@@ -21,6 +21,7 @@ from clu import periodic_actions
 import flax
 from flax.training import train_state
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -218,22 +219,35 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _observe_pairing(train_iter, scalars, info, process_index,
-                     process_count):
-  """Feeds this process's predicted target classes back to the pairing;
-  adds the pairing statistics (means over the local batch) to `scalars`."""
+def _gather_micro(local, process_count):
+  """(K, b, ...) per process -> (K, P*b, ...): the global batch's rows in
+  the order of the global arrays (process p's rows at [p*b, (p+1)*b))."""
+  local = np.asarray(local)
+  if process_count == 1:
+    return local
+  every = np.asarray(multihost_utils.process_allgather(local))  # (P, K, b..)
+  every = np.moveaxis(every, 0, 1)  # (K, P, b, ...)
+  return every.reshape(every.shape[0], -1, *every.shape[3:])
+
+
+def _observe_pairing(train_iter, scalars, info, process_count):
+  """Feeds the global batch's predicted target classes back to the pairing
+  table (the same on every process); adds the pairing statistics (means over
+  the global batch) to `scalars`."""
   scalars = dict(scalars)
   classes = scalars.pop("target_classes", None)
+  shape = info["shared"].shape  # (K, b): this process's rows
+  indices = _gather_micro(train_iter.pending().reshape(shape), process_count)
+  shared = _gather_micro(info["shared"], process_count)
+  known = _gather_micro(info["known"], process_count)
   if classes is not None:
     classes = np.asarray(classes)  # (K, B_global, M), replicated
-    local = classes.shape[1] // process_count
-    classes = classes[:, process_index * local:(process_index + 1) * local]
-    train_iter.observe(classes.reshape(-1, classes.shape[-1]))
   else:
-    train_iter.observe(np.zeros((info["shared"].size,
-                                 train_iter.num_classes), bool))
-  scalars["pairing_shared_classes"] = float(np.mean(info["shared"]))
-  scalars["pairing_known_targets"] = float(np.mean(info["known"]))
+    classes = np.zeros((*indices.shape, train_iter.num_classes), bool)
+  train_iter.observe(classes.reshape(-1, classes.shape[-1]),
+                     indices.reshape(-1))
+  scalars["pairing_shared_classes"] = float(np.mean(shared))
+  scalars["pairing_known_targets"] = float(np.mean(known))
   return scalars
 
 
@@ -256,7 +270,9 @@ def _write_train_metrics(writer, step, collection, skipped, method):
         "stopping. The last checkpoint (before these steps) is intact.")
   for name, lr in method.learning_rates(step - 1).items():
     values[f"train/{name}"] = float(lr)
-  values["train/skipped_files"] = skipped
+  if jax.process_count() > 1:  # every process's, as one process would count
+    skipped = np.sum(multihost_utils.process_allgather(np.int64(skipped)))
+  values["train/skipped_files"] = int(skipped)
   writer.write_scalars(step, values)
   return values
 
@@ -362,7 +378,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       skipped += n_skipped
       if pairing_info is not None:
         scalars = _observe_pairing(train_iter, scalars, pairing_info,
-                                   process_index, process_count)
+                                   process_count)
       if collection is None:
         collection_cls = metrics_lib.train_collection(sorted(scalars))
       update = collection_cls.single_from_model_output(**scalars)

@@ -396,13 +396,27 @@ class CheckpointCompatibilityTest(absltest.TestCase):
     legacy = {"step": state.step, "params": state.params,
               "opt_state": state.opt_state, "batch_stats": state.batch_stats}
     manager.save(3, args=checkpointing.ocp.args.Composite(
-        state=checkpointing.ocp.args.StandardSave(legacy),
-        data=checkpointing.grain.checkpoint.CheckpointSave(it)))
+        state=checkpointing.ocp.args.StandardSave(legacy)))
     manager.wait_until_finished()
+    # The data item of that time: grain's per-process file (6 batches read).
+    data = os.path.join(workdir, "checkpoints", "3", "data")
+    os.makedirs(data)
+    with open(os.path.join(data, "process_0-of-1.json"), "w") as f:
+      f.write('{"next_index": 6}')
     restored = checkpointing.restore(manager, 3, state, it)
     self.assertEqual(restored.extra, {})
     np.testing.assert_array_equal(
         jax.tree.leaves(restored.params)[0], jax.tree.leaves(state.params)[0])
+    fresh = input_pipeline.create_train_iterator(config)
+    expected = [next(fresh) for _ in range(7)][6]
+    np.testing.assert_array_equal(next(it)["target"]["image"],
+                                  expected["target"]["image"])
+    # Written by two processes: only two processes can continue it.
+    os.rename(os.path.join(data, "process_0-of-1.json"),
+              os.path.join(data, "process_0-of-2.json"))
+    with self.assertRaisesRegex(ValueError, r"written by \[2\] process\(es\)"
+                                r"; this run has 1"):
+      checkpointing.restore(manager, 3, state, it)
     other = _config("adaptsegnet")
     other_method = methods.get_method(other)
     abstract = train.create_train_state(other, other_method,

@@ -1,11 +1,23 @@
 """Paired training batches and evaluation batches (SPEC.md sections 4, 5).
 
-Training: source and target are independent streams (own seeds), each
-  source -> this process's shard -> shuffle (reshuffled every epoch) ->
-  repeat -> random shorter-edge resize -> flip -> crop/pad,
-then zipped element by element and batched, so step k pairs the k-th source
-batch with the k-th target batch. The iterator's state (`get_state` /
-`set_state`) resumes at exactly the next batch, with worker processes too.
+Training reads one *global record stream* per run, the same on any number of
+processes. Each domain's stream is
+  source -> shuffle (reshuffled every epoch) -> repeat -> random
+  shorter-edge resize -> flip -> crop/pad
+over the whole dataset, seeded by `config.seed` (the two domains get
+independent seeds), and the two are zipped element by element (with
+class-overlap pairing, each target element with the next K source
+elements). grain draws every random decision from the seed and the
+element's global position, so record g of the stream is a function of the
+seed and g only. Global batch b is records [b*B, (b+1)*B) (B =
+`config.train.batch_size`); process p of P loads and augments only records
+[b*B + p*B/P, b*B + (p+1)*B/P) of it, which is where
+`jax.make_array_from_process_local_data` puts its rows in the global batch.
+One process and N processes therefore train on the same global batches.
+
+The training iterator's state (`get_state` / `set_state`) is topology-free:
+the number of records consumed (plus the class-overlap pairing table), so a
+checkpoint written by N processes resumes with M.
 
 Evaluation: deterministic order; each process takes every
 `process_count`-th image; the tail is padded with masked-out elements so
@@ -14,10 +26,11 @@ seen exactly once.
 
 Batches are dicts of NumPy arrays with the process-local batch first:
 "image" uint8 (B, H, W, 3) RGB, "label" uint8 (B, H, W), "skipped" int32
-(B,), "has_label" bool (B,), "name" str (B,), and for evaluation "mask" bool
-(B,). Pixel encoding (`transforms.encode`, `config.data.encoding`) happens
-on the device in the jitted steps: uint8 batches move 4x fewer bytes, and
-the pipeline runs faster (benchmarks/input_pipeline.py).
+(B,), "has_label" bool (B,), "name" str (B,), "index" int64 (B,) (position in
+the dataset), and for evaluation "mask" bool (B,). Pixel encoding
+(`transforms.encode`, `config.data.encoding`) happens on the device in the
+jitted steps: uint8 batches move 4x fewer bytes, and the pipeline runs
+faster (benchmarks/input_pipeline.py).
 """
 
 import math
@@ -104,14 +117,15 @@ class _WithIndex:
     return {**element, "index": np.int64(index % self.size)}
 
 
-def train_stream(source, data_config, seed, process_index=0,
-                 process_count=1):
-  """One domain's infinite stream of augmented uint8 elements.
+def train_stream(source, data_config, seed):
+  """One domain's infinite global stream of augmented uint8 elements.
 
-  Each element carries "index", its position in `source`.
+  Element g is a function of `seed` and g only (grain seeds each random map
+  from the dataset seed and the element's index). Each element carries
+  "index", its position in `source`.
   """
   ds = grain.MapDataset.source(source).map_with_index(_WithIndex(len(source)))
-  ds = ds[process_index::process_count].seed(seed).shuffle().repeat()
+  ds = ds.seed(seed).shuffle().repeat()
   ds = ds.random_map(transforms.RandomResizeShorter(data_config.resize_min,
                                                     data_config.resize_max))
   if data_config.flip_prob > 0:
@@ -131,24 +145,96 @@ def _read_options(data_config):
                            prefetch_buffer_size=data_config.prefetch_batches)
 
 
+STATE_FORMAT = "plca_jax.global_record_stream.v1"
+
+
+class GlobalBatchIterator:
+  """This process's share of the global batches of a global record stream.
+
+  `records` is a grain MapDataset (record g = global position g). Local
+  batch k of process p is records [k*B + p*b, k*B + (p+1)*b) with b = B/P.
+  The state is the number of records consumed, so it restores on any
+  process count whose global batch divides it.
+  """
+
+  def __init__(self, records, global_batch, process_index, process_count,
+               data_config):
+    self._records = records
+    self.global_batch = global_batch
+    self._local = local_batch_size(global_batch, process_count)
+    self._process = (process_index, process_count)
+    self._data_config = data_config
+    self.position = 0  # global batches yielded
+    self._iterator = None
+
+  def _start(self):
+    p, count = self._process
+    # Sub-batches of b records; global batch k is sub-batches kP .. kP+P-1.
+    ds = self._records.batch(self._local, drop_remainder=True)
+    ds = ds[self.position * count + p::count]
+    ds = ds.to_iter_dataset(_read_options(self._data_config))
+    if self._data_config.num_workers > 0:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self._data_config.num_workers))
+    self._iterator = iter(ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._iterator is None:
+      self._start()
+    batch = next(self._iterator)
+    self.position += 1
+    return batch
+
+  def get_state(self):
+    """JSON-able, topology-free: records consumed of the global stream."""
+    return {"format": STATE_FORMAT,
+            "records": self.position * self.global_batch,
+            "global_batch_size": self.global_batch}
+
+  def set_state(self, state):
+    if state.get("format") != STATE_FORMAT:
+      raise ValueError(f"data state {state!r} is not a {STATE_FORMAT} state")
+    if "legacy_batches" in state:  # checkpointing._legacy_data_state
+      self.position = int(state["legacy_batches"])
+      self._iterator = None
+      return
+    records = int(state["records"])
+    if records % self.global_batch:
+      raise ValueError(
+          f"the checkpoint's data position is record {records} of the global"
+          f" stream (global batch {state['global_batch_size']}), not a "
+          f"multiple of this run's config.train.batch_size="
+          f"{self.global_batch}: resume with a global batch that divides it")
+    self.position = records // self.global_batch
+    self._iterator = None  # restarts lazily at the new position
+
+  def start_prefetch(self):
+    if self._iterator is None:
+      self._start()
+
+
 def create_train_iterator(config, process_index=0, process_count=1,
                           wrap_source=None):
-  """Iterator of paired batches {"source": batch, "target": batch}.
+  """Iterator of this process's paired batches {"source", "target"}.
 
   Each process gets `config.train.batch_size / process_count` images per
-  domain per batch, from its own shard of each dataset. `wrap_source(domain,
-  source)`, if given, may wrap each domain's data source to add fields to
-  its records (a method's host-side inputs, e.g. pseudo-labels). With
-  `config.data.pairing = "class_overlap"` the iterator is a
-  `pairing.OverlapPairingIterator` (batches also carry "pairing"; call its
-  `observe` after each update).
+  domain per batch: its share of each global batch of the global record
+  stream (module docstring). `wrap_source(domain, source)`, if given, may
+  wrap each domain's data source to add fields to its records (a method's
+  host-side inputs, e.g. pseudo-labels). With `config.data.pairing =
+  "class_overlap"` the iterator is a `pairing.OverlapPairingIterator`
+  (batches also carry "pairing"; call its `observe` after each update).
   """
   data = config.data
   if data.pairing not in pairing_lib.PAIRINGS:
     raise ValueError(f"config.data.pairing={data.pairing!r}; expected one "
                      f"of {pairing_lib.PAIRINGS}")
   num_classes = config.model.num_classes
-  batch = local_batch_size(config.train.batch_size, process_count)
+  batch = config.train.batch_size
+  local_batch_size(batch, process_count)  # checks divisibility
   sources, streams = [], []
   for k, (name, domain) in enumerate((("source", data.source),
                                       ("target", data.target))):
@@ -156,29 +242,23 @@ def create_train_iterator(config, process_index=0, process_count=1,
     if wrap_source is not None:
       sources[-1] = wrap_source(name, sources[-1])
     # Distinct seeds: the two streams are independent random orders.
-    streams.append(train_stream(sources[-1], data, config.seed * 2 + k,
-                                process_index, process_count))
+    streams.append(train_stream(sources[-1], data, config.seed * 2 + k))
   if data.pairing == "random":
-    ds = grain.experimental.ZipMapDataset(streams).map(_paired)
+    records = grain.experimental.ZipMapDataset(streams).map(_paired)
   else:
     k = data.pairing_candidates
     if k < 1:
       raise ValueError(f"config.data.pairing_candidates={k}; expected >= 1")
     # Target element e goes with source elements e*K .. e*K+K-1.
     candidates = streams[0].batch(k)
-    ds = grain.experimental.ZipMapDataset(
+    records = grain.experimental.ZipMapDataset(
         [streams[1][:len(candidates)], candidates]).map(_with_candidates)
-  ds = ds.batch(batch, drop_remainder=True).to_iter_dataset(
-      _read_options(data))
-  if data.num_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=data.num_workers))
-  iterator = iter(ds)
+  iterator = GlobalBatchIterator(records, batch, process_index,
+                                 process_count, data)
   if data.pairing == "random":
     return iterator
-  source_sets = pairing_lib.class_sets(
-      sources[0], num_classes,
-      range(process_index, len(sources[0]), process_count))
+  # Every process can meet every source image: the whole table.
+  source_sets = pairing_lib.class_sets(sources[0], num_classes)
   target_table = None
   if data.pairing_target_classes == "labels":
     if not data.target.require_labels:

@@ -17,16 +17,18 @@
     "labels": its label classes (synthetic data, analysis only).
 
 Determinism: the choice is made on the host at step time, from candidates
-that the (deterministic) grain pipeline produced and from a class-set table
-that changes only through `observe` after each update, so the pairs depend
-on nothing but the seed and the training history; the table is part of the
-iterator state that checkpoints save and restore. Cost: K source images are
-loaded and augmented per target image.
+that the (deterministic, global) record stream produced and from a class-set
+table that changes only through `observe` after each update, so the pairs
+depend on nothing but the seed and the training history. The table is
+global: every process holds all of it and `observe` records the predicted
+classes of the whole global batch (the trainer gathers the target indices
+of all processes), so the picks do not depend on the process count. The
+table is part of the iterator state that checkpoints save and restore.
+Cost: K source images are loaded and augmented per target image.
 """
 
 import base64
 import concurrent.futures
-import json
 
 from absl import logging
 import numpy as np
@@ -80,11 +82,11 @@ def choose(candidate_sets, target_set, known=True):
   return int(np.argmax(shared)), shared  # argmax: first of the best
 
 
-def _pack(table):
+def pack(table):
   return base64.b64encode(np.packbits(table).tobytes()).decode()
 
 
-def _unpack(text, shape):
+def unpack(text, shape):
   bits = np.frombuffer(base64.b64decode(text), np.uint8)
   return np.unpackbits(bits)[:int(np.prod(shape))].reshape(shape).astype(bool)
 
@@ -92,11 +94,11 @@ def _unpack(text, shape):
 class OverlapPairingIterator:
   """Batches {"source", "target", "pairing"} from candidate batches.
 
-  Wraps a grain iterator whose elements are batches {"target": element
-  batch (B, ...) with "index", "candidates": element batch (B, K, ...)}.
-  Implements the grain iterator checkpoint protocol (`get_state` bytes,
-  `set_state`, `start_prefetch`), so `checkpointing.save` keeps the
-  class-set table with the pipeline position.
+  Wraps an iterator (`input_pipeline.GlobalBatchIterator`) whose elements
+  are batches {"target": element batch (B, ...) with "index", "candidates":
+  element batch (B, K, ...)}. `get_state` / `set_state` (JSON-able dicts)
+  keep the class-set table with the stream position for
+  `checkpointing.save`.
   """
 
   def __init__(self, inner, source_sets, num_targets, *, mode,
@@ -137,44 +139,53 @@ class OverlapPairingIterator:
                         "candidates": np.asarray(cands["index"]),
                         "known": self.known[target["index"]].copy()}}
 
-  def observe(self, predicted):
-    """Records predicted class sets of the targets yielded since last call.
+  def pending(self):
+    """(n,) int64: the target indices yielded since the last `observe`, in
+    order (this process's rows of each batch, batch after batch)."""
+    if not self._pending:
+      return np.zeros((0,), np.int64)
+    return np.concatenate(self._pending).astype(np.int64)
+
+  def observe(self, predicted, indices=None):
+    """Records the predicted class sets of targets.
 
     Args:
-      predicted: (n, M) bool, the yielded targets in order (n = all of
-        them). Ignored with mode "labels" (the table stays the labels').
+      predicted: (n, M) bool, one row per entry of `indices`.
+      indices: (n,) target indices; default `pending()` (one process). With
+        several processes, the global batch's: every process's pending
+        indices gathered in the order of the rows of `predicted`.
+    Ignored with mode "labels" (the table stays the labels'). Clears the
+    pending indices.
     """
-    indices = np.concatenate(self._pending) if self._pending else np.zeros(
-        (0,), np.int64)
+    indices = self.pending() if indices is None else np.asarray(indices)
     self._pending = []
     predicted = np.asarray(predicted, bool)
     if predicted.shape != (len(indices), self.num_classes):
       raise ValueError(f"observe: predicted class sets {predicted.shape}, "
                        f"expected {(len(indices), self.num_classes)} (one "
-                       "row per target yielded since the last call)")
+                       "row per target index)")
     if self.mode == "pseudo":
       self.table[indices] = predicted
       self.known[indices] = True
 
   def get_state(self):
+    """JSON-able and topology-free: the inner stream's position and the
+    (global) class-set table."""
     if self._pending:
       raise RuntimeError("checkpoint between `next` and `observe`: the "
                          "yielded targets' classes would be lost")
-    inner = self._inner.get_state()
-    return json.dumps({"inner": inner, "mode": self.mode,
-                       "shape": list(self.table.shape),
-                       "table": _pack(self.table),
-                       "known": _pack(self.known)}).encode()
+    return {"inner": self._inner.get_state(), "mode": self.mode,
+            "shape": list(self.table.shape), "table": pack(self.table),
+            "known": pack(self.known)}
 
   def set_state(self, state):
-    state = json.loads(state.decode() if isinstance(state, bytes) else state)
     if tuple(state["shape"]) != self.table.shape or state["mode"] != self.mode:
       raise ValueError(
           f"checkpointed pairing table {state['shape']} ({state['mode']}) "
           f"does not match this run's {list(self.table.shape)} ({self.mode})"
           ": the target dataset or pairing config changed")
-    self.table = _unpack(state["table"], self.table.shape)
-    self.known = _unpack(state["known"], self.known.shape)
+    self.table = unpack(state["table"], self.table.shape)
+    self.known = unpack(state["known"], self.known.shape)
     self._pending = []
     self._inner.set_state(state["inner"])
 
