@@ -84,8 +84,8 @@ class ConvertTest(parameterized.TestCase):
                                     theirs[..., 0])
       self.assertEqual(release.index("road"), 2)
 
-  @pytest.mark.slow
   @parameterized.parameters(18, 50)
+  @pytest.mark.slow
   def test_imagenet_backbone_matches_pytorch(self, depth):
     # torchvision's ResNets stride on the 3x3 conv.
     net = torch_models.randomize(torch_models.ResNet(depth, "3x3"),

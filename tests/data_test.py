@@ -373,8 +373,8 @@ class PipelineTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "record 12 .*batch_size=8"):
       input_pipeline.create_train_iterator(config).set_state(state)
 
-  @pytest.mark.slow
   @parameterized.parameters(0, 2)
+  @pytest.mark.slow
   def test_state_restore_gives_the_next_batch(self, workers):
     config = _synthetic_config(workers=workers)
     it = input_pipeline.create_train_iterator(config)

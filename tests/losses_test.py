@@ -165,8 +165,8 @@ class AssociationTest(parameterized.TestCase):
     for a, b in zip(g1, g0):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
-  @pytest.mark.slow
   @parameterized.parameters("cos", "kl")
+  @pytest.mark.slow
   def test_batch_equals_images_one_by_one(self, metric):
     # A batch of 2 runs vmapped; one image runs without the batch axis.
     s, t, y = _random_inputs(7, metric, hs=3, ws=4, ht=4, wt=4, c=6)

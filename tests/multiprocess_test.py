@@ -38,7 +38,7 @@ def _free_port():
 
 def _overrides(pairing):
   flags = {"train.batch_size": 2, "train.log_every": 1,
-           "train.checkpoint_every": 1, "train.eval_every": 1000}
+           "train.checkpoint_every": 2, "train.eval_every": 1000}
   if pairing:
     flags.update({"data.pairing": "class_overlap",
                   "data.pairing_target_classes": "pseudo"})
@@ -120,7 +120,11 @@ class MultiProcessTest(absltest.TestCase):
     # by one process drives two processes' picks like one process's.
     expected = self.assert_resumes_like_one_process(True, _one_process,
                                                     _two_processes)
+    # First update: no target seen yet (random pairing); later the table
+    # holds the model's predictions.
+    self.assertEqual(expected[1]["train/pairing_known_targets"], 0.0)
     self.assertGreater(expected[4]["train/pairing_known_targets"], 0)
+    self.assertIn("train/pairing_shared_classes", expected[4])
 
 
 if __name__ == "__main__":

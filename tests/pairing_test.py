@@ -3,12 +3,11 @@
 import json
 
 from absl.testing import absltest
+from etils import epath
 import numpy as np
-import pytest
 
 from configs import test as test_config
-from plca_jax import train
-from plca_jax import writers
+from plca_jax import checkpointing
 from plca_jax.data import input_pipeline
 from plca_jax.data import pairing
 
@@ -156,6 +155,25 @@ class OverlapPipelineTest(absltest.TestCase):
       np.testing.assert_array_equal(two[0].table, one.table)
       np.testing.assert_array_equal(two[1].known, one.known)
 
+  def test_old_per_process_checkpoint_state_restores(self):
+    # The format before the global stream: grain's file per process with
+    # the pairing table next to the inner iterator's position.
+    config = _config("pseudo")
+    it = input_pipeline.create_train_iterator(config)
+    _take(it, 3, observe_seed=1)
+    state = it.get_state()
+    old = {"inner": {"next_index": 3}, "mode": "pseudo",
+           "shape": state["shape"], "table": state["table"],
+           "known": state["known"]}
+    directory = epath.Path(self.create_tempdir().full_path)
+    (directory / "process_0-of-1.json").write_text(json.dumps(old))
+    restored = input_pipeline.create_train_iterator(config)
+    restored.set_state(checkpointing._legacy_data_state(directory))
+    np.testing.assert_array_equal(restored.table, it.table)
+    np.testing.assert_array_equal(restored.known, it.known)
+    self.assertTrue(restored.known.any())
+    _assert_same(self, _take(restored, 2), _take(it, 2))
+
   def test_bad_options_are_named(self):
     config = _config("labels")
     config.data.target.require_labels = False
@@ -174,36 +192,6 @@ class OverlapPipelineTest(absltest.TestCase):
       it.get_state()
     with self.assertRaisesRegex(ValueError, "expected"):
       it.observe(np.zeros((1, 16), bool))
-
-
-class PairedTrainingTest(absltest.TestCase):
-
-  @pytest.mark.slow
-  def test_train_logs_pairing_and_resumes_like_uninterrupted(self):
-    config = _config("pseudo")
-    config.train.num_steps = 4
-    reference = self.create_tempdir().full_path
-    train.train_and_evaluate(config, reference, evaluate_during_training=False)
-    workdir = self.create_tempdir().full_path
-    config.train.num_steps = 2
-    train.train_and_evaluate(config, workdir, evaluate_during_training=False)
-    config.train.num_steps = 4
-    train.train_and_evaluate(config, workdir, evaluate_during_training=False)
-
-    def losses(path):
-      return {r["step"]: (r["train/loss"], r["train/pairing_shared_classes"])
-              for r in writers.read_metrics(path) if "train/loss" in r}
-
-    ref, resumed = losses(reference), losses(workdir)
-    self.assertEqual(sorted(ref), [2, 4])
-    for step in (2, 4):
-      np.testing.assert_allclose(resumed[step], ref[step], rtol=1e-5)
-    known = [r["train/pairing_known_targets"]
-             for r in writers.read_metrics(reference)
-             if "train/pairing_known_targets" in r]
-    self.assertEqual(known[0], 0.0)  # first steps: no target seen yet
-    self.assertGreater(known[-1], 0.0)  # later: from the model's predictions
-    json.dumps(ref)  # plain floats
 
 
 if __name__ == "__main__":

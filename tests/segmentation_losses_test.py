@@ -206,7 +206,6 @@ class ObjectiveTest(parameterized.TestCase):
         [float(results[0][0][1][f"{n}_correct"]) for n in ("fass", "cass")],
         [float(results[1][0][1][f"{n}_correct"]) for n in ("fass", "cass")])
 
-  @pytest.mark.slow
   @parameterized.named_parameters(
       ("source_only", dict(use_lovasz=False, use_fass=False, use_cass=False,
                            use_lsr=False), {"ce"}),
@@ -216,6 +215,7 @@ class ObjectiveTest(parameterized.TestCase):
       ("cass", dict(use_lsr=False), {"ce", "lovasz", "fass", "cass"}),
       ("full", {}, {"ce", "lovasz", "fass", "cass", "lsr_source",
                     "lsr_target"}))
+  @pytest.mark.slow
   def test_ablation_ladder_switches(self, switches, expected_losses):
     src, tgt, labels = self._inputs()
     src, tgt = (jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), o)
