@@ -161,6 +161,9 @@ def get_config():
   config.data.flip_prob = 0.5
   config.data.crop_size = (730, 730)  # (height, width)
   config.data.encoding = "bgr_mean"  # or "rgb_imagenet"; done on device
+  # Grayscale network input (luma on 3 channels, before the encoding), in
+  # training, evaluation and the tools: pixel_contrast's stage 1.
+  config.data.grayscale = False
   config.data.eval_image_size = (730, 1460)  # network input (H, W)
   config.data.eval_label_size = (1024, 2048)  # labels stay at full size
   # grain worker processes; 0 = in-process with grain's read threads, the

@@ -37,7 +37,7 @@ def predict(variables, images, *, model, config, label_size):
     variables: {"params", "batch_stats"}.
     images: uint8 (N, h, w, 3) RGB network inputs.
   """
-  x = transforms.encode(images, config.data.encoding)
+  x = transforms.network_input(images, config.data)
   out = model.apply(variables, x)
   if not config.eval.aggregate:
     return losses.upsample_bilinear(out["logits"], label_size)

@@ -13,6 +13,7 @@ from configs import default
 from configs import demo
 from configs import fda
 from configs import gta5
+from configs import pixel_contrast
 from configs import source_only
 from configs import synthia
 from configs import synthia_r18
@@ -43,12 +44,21 @@ class ConfigsTest(parameterized.TestCase):
                      (18, 4, 1, 30_000))
 
   @parameterized.parameters(demo, gta5, synthia, synthia_r18, test_config,
-                            adaptsegnet, fda, source_only)
+                            adaptsegnet, fda, source_only, pixel_contrast)
   def test_every_key_is_declared_in_default(self, module):
     keys = lambda c, p="": {p + k for k in c.keys()} | set().union(
         *[keys(v, f"{p}{k}.") for k, v in c.items() if hasattr(v, "keys")])
     self.assertEqual(keys(module.get_config()),
                      keys(default.get_config()))
+
+  def test_pixel_contrast_stages(self):
+    stage1, stage2 = (pixel_contrast.get_config(s) for s in ("stage1",
+                                                             "stage2"))
+    self.assertEqual((stage1.method, stage1.data.grayscale), ("pixel_contrast",
+                                                              True))
+    self.assertFalse(stage2.data.grayscale)
+    with self.assertRaisesRegex(ValueError, "'stage3'"):
+      pixel_contrast.get_config("stage3")
 
   @parameterized.parameters(adaptsegnet, fda, source_only)
   def test_method_configs(self, module):

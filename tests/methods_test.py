@@ -7,6 +7,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 from configs import test as test_config
@@ -15,6 +16,7 @@ from plca_jax import methods
 from plca_jax import train
 from plca_jax import writers
 from plca_jax.data import input_pipeline
+from plca_jax.data import transforms
 from plca_jax.methods import adaptsegnet
 from plca_jax.methods import base
 from plca_jax.methods import fda
@@ -45,7 +47,7 @@ class RegistryTest(absltest.TestCase):
     config = _config("plca")
     config.method = "adaptsegnt"
     with self.assertRaisesRegex(ValueError, "'adaptsegnt'.*adaptsegnet, fda, "
-                                "plca, source_only"):
+                                "pixel_contrast, plca, source_only"):
       methods.get_method(config)
 
   def test_every_method_block_is_in_the_default_config(self):
@@ -290,13 +292,58 @@ class MBTTest(absltest.TestCase):
       wrapped[1]  # pylint: disable=pointless-statement
 
 
+class PixelContrastTest(absltest.TestCase):
+
+  def test_grayscale_input_is_pillows_luma(self):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (5, 7, 3), np.uint8)
+    gray = transforms.grayscale(image)
+    want = np.asarray(Image.fromarray(image).convert("L"), np.float32)
+    for c in range(3):  # Pillow rounds to integers
+      np.testing.assert_allclose(gray[..., c], want, atol=0.5)
+    config = _config("pixel_contrast")
+    config.data.grayscale = True
+    np.testing.assert_allclose(
+        transforms.network_input(image, config.data),
+        transforms.encode(gray, config.data.encoding))
+
+  def test_stage2_update_adds_the_contrastive_term(self):
+    config = _config("pixel_contrast")
+    source = input_pipeline.create_source(config.data.target, config.data,
+                                          config.model.num_classes)
+    directory = self.create_tempdir().full_path
+    rng = np.random.default_rng(0)
+    for i in range(len(source)):
+      element = source[i]
+      pseudo = rng.integers(0, 3, element["image"].shape[:2])
+      pseudo[:, :4] = 255
+      pseudo_labels.write(directory, element["name"], pseudo)
+    config.pixel_contrast.pseudo_label_dir = directory
+    method = methods.get_method(config)
+    self.assertEqual(method.batch_fields("target"), ("image", "pseudo_label"))
+    mesh = train.sharding.create_mesh()
+    state = train.create_train_state(config, method, jax.random.key(0), mesh)
+    batch, _ = train.next_update_batch(
+        input_pipeline.create_train_iterator(config,
+                                             wrap_source=method.wrap_source),
+        2, {d: method.batch_fields(d) for d in ("source", "target")})
+    step = train.create_train_step(config, method, mesh)
+    _, scalars = step(state, batch, train.step_key(config))
+    block = config.pixel_contrast
+    self.assertGreater(float(scalars["contrast"]), 0.0)
+    expected = (scalars["ce"] + block.entropy_weight * scalars["entropy"] +
+                block.contrast_weight * scalars["contrast"])
+    np.testing.assert_allclose(scalars["loss"], expected, rtol=1e-5)
+
+
 class TrainEveryMethodTest(parameterized.TestCase):
 
   # adaptsegnet: ResumeTest trains and evaluates it.
-  @parameterized.parameters("source_only", "fda")
+  @parameterized.parameters("source_only", "fda", "pixel_contrast")
   @pytest.mark.slow
   def test_trains_and_evaluates(self, name):
     config = _config(name)
+    config.data.grayscale = name == "pixel_contrast"  # its stage 1
     config.train.num_steps = 2
     config.eval.aggregate = False
     workdir = self.create_tempdir().full_path

@@ -130,3 +130,25 @@ def encode(image, encoding="bgr_mean"):
     return ((image / 255.0 - np.asarray(IMAGENET_MEAN, np.float32)) /
             np.asarray(IMAGENET_STD, np.float32))
   raise ValueError(f"encoding={encoding!r}; expected one of {ENCODINGS}")
+
+
+# ITU-R 601 luma weights (as Pillow's convert("L")).
+LUMA = (0.299, 0.587, 0.114)
+
+
+def grayscale(image):
+  """RGB (..., 3) -> its luma replicated on 3 channels (float32); NumPy or
+  jax arrays."""
+  image = image.astype(np.float32)
+  luma = (image[..., 0] * LUMA[0] + image[..., 1] * LUMA[1] +
+          image[..., 2] * LUMA[2])
+  return luma[..., None] * np.ones((3,), np.float32)
+
+
+def network_input(image, data_config):
+  """uint8 RGB -> the network's input under `config.data`: grayscale first
+  when `data_config.grayscale` (pixel_contrast's stage 1), then `encode`."""
+  if data_config.get("grayscale", False):
+    image = grayscale(image)
+  return encode(image, data_config.encoding)
+

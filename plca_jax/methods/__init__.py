@@ -7,6 +7,7 @@ see `plca_jax/methods/base.py` and the README ("Adding a method").
 from plca_jax.methods import adaptsegnet
 from plca_jax.methods import base
 from plca_jax.methods import fda
+from plca_jax.methods import pixel_contrast
 from plca_jax.methods import plca
 from plca_jax.methods import source_only
 
@@ -15,6 +16,7 @@ METHODS = {
     "source_only": source_only.SourceOnly,
     "adaptsegnet": adaptsegnet.AdaptSegNet,
     "fda": fda.FDA,
+    "pixel_contrast": pixel_contrast.PixelContrast,
 }
 
 

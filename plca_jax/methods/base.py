@@ -117,7 +117,7 @@ class Method:
 
 def encode(images, config):
   """uint8 (or float 0-255) RGB images -> the network's input encoding."""
-  return transforms.encode(images, config.data.encoding)
+  return transforms.network_input(images, config.data)
 
 
 def forward(model, params, batch_stats, images):

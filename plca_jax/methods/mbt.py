@@ -81,7 +81,7 @@ def make_predictor(config, model):
   """jit: (variables, uint8 image (1, h, w, 3)) -> softmax (1, h, w, M)."""
 
   def predict(variables, image):
-    x = transforms.encode(image, config.data.encoding)
+    x = transforms.network_input(image, config.data)
     logits = losses.at_least_f32(model.apply(variables, x)["logits"])
     up = losses.upsample_bilinear(logits, image.shape[1:3])
     return jax.nn.softmax(up, axis=-1)

@@ -117,7 +117,7 @@ def compute(config, variables, pairs, batch_norm="running"):
   train = batch_norm == "batch"
 
   def forward(images):
-    x = transforms.encode(images, config.data.encoding)
+    x = transforms.network_input(images, config.data)
     if train:
       out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
       return out
