@@ -13,6 +13,9 @@ updates and evaluation) in its own process, and prints the target mIoU
   from the three (`python -m plca_jax.methods.mbt`), then the self-training
   round (a new run from scratch with the pseudo-labels); its time per update
   is the round's;
+- pixel_contrast: stage 1 (grayscale, CE + entropy), MBT pseudo-labels of
+  that one model, then stage 2 (a new run from scratch: stylised source CE,
+  entropy, pixel contrast); its time per update is stage 2's;
 - plca: with test-time aggregation (its protocol), and "plca (no TTA)", the
   same checkpoint evaluated without it.
 
@@ -29,7 +32,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("source_only", "adaptsegnet", "fda", "fda_mbt", "plca")
+METHODS = ("source_only", "adaptsegnet", "fda", "fda_mbt", "pixel_contrast",
+           "plca")
 BETAS = (0.01, 0.05, 0.09)
 
 
@@ -112,6 +116,18 @@ def run_seed(root, method, seed, steps):
     train(workdir, "fda", seed, steps,
           f"--config.fda.pseudo_label_dir={pseudo}")
     return {"fda_mbt": result(workdir)}
+  if method == "pixel_contrast":
+    gray = "--config.data.grayscale=True"
+    stage1 = train(os.path.join(root, f"pixel_contrast_stage1_{seed}"),
+                   "pixel_contrast", seed, steps, gray)
+    pseudo = os.path.join(root, f"pixel_contrast_labels_{seed}")
+    if not os.path.isdir(pseudo):
+      _run(["-m", "plca_jax.methods.mbt", "--config=configs/demo.py",
+            "--config.method=pixel_contrast", gray, f"--workdirs={stage1}",
+            f"--out={pseudo}"], pseudo + ".log")
+    train(workdir, "pixel_contrast", seed, steps,
+          f"--config.pixel_contrast.pseudo_label_dir={pseudo}")
+    return {"pixel_contrast": result(workdir)}
   if method == "fda":
     workdir = os.path.join(root, f"fda_{seed}")
     train(workdir, "fda", seed, steps, "--config.fda.beta=0.01")
