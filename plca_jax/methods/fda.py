@@ -81,21 +81,33 @@ def robust_entropy(logits, eta=2.0):
   return jnp.mean((ent**2 + 1e-8)**eta)
 
 
+def ce_and_entropy(model, params, batch_stats, inputs_s, images_t, micro,
+                   config, eta):
+  """CE of the source labels on `inputs_s` (0-255 RGB, e.g. stylised) and
+  the robust entropy of the target images: ({"ce", "entropy"}, target
+  outputs, new batch_stats); source, then target through the network."""
+  out_s, batch_stats = base.forward(model, params, batch_stats,
+                                    base.encode(inputs_s, config))
+  out_t, batch_stats = base.forward(model, params, batch_stats,
+                                    base.encode(images_t, config))
+  labels = base.labels_of(micro, "source")
+  logits_s = losses.at_least_f32(out_s["logits"])
+  terms = {"ce": losses.cross_entropy(
+      losses.upsample_bilinear(logits_s, labels.shape[1:3]), labels,
+      config.loss.ignore_label)}
+  terms["entropy"] = robust_entropy(out_t["logits"], eta)
+  return terms, out_t, batch_stats
+
+
 def fda_loss(params, batch_stats, micro, step, *, model, config, block):
   """One micro-batch: (total, (terms, new batch_stats))."""
   images_s = micro["source"]["image"].astype(jnp.float32)
   images_t = micro["target"]["image"].astype(jnp.float32)
   stylised = spectral_transfer(images_s, images_t, block.beta)
-  out_s, batch_stats = base.forward(model, params, batch_stats,
-                                    base.encode(stylised, config))
-  out_t, batch_stats = base.forward(model, params, batch_stats,
-                                    base.encode(images_t, config))
+  terms, out_t, batch_stats = ce_and_entropy(
+      model, params, batch_stats, stylised, images_t, micro, config,
+      block.eta)
   ignore = config.loss.ignore_label
-  labels = base.labels_of(micro, "source")
-  logits_s = losses.at_least_f32(out_s["logits"])
-  terms = {"ce": losses.cross_entropy(
-      losses.upsample_bilinear(logits_s, labels.shape[1:3]), labels, ignore)}
-  terms["entropy"] = robust_entropy(out_t["logits"], block.eta)
   on = (step >= block.entropy_start_step).astype(jnp.float32)
   total = terms["ce"] + on * block.entropy_weight * terms["entropy"]
   if block.pseudo_label_dir:
@@ -107,7 +119,7 @@ def fda_loss(params, batch_stats, micro, step, *, model, config, block):
   return total, (terms, batch_stats)
 
 
-class FDA(base.Method):
+class FDA(pseudo_labels.TargetPseudoLabels, base.Method):
   """Fourier domain adaptation (+ MBT self-training); `config.fda`."""
 
   name = "fda"
@@ -124,18 +136,6 @@ class FDA(base.Method):
         pseudo_label_dir="",
         pseudo_label_weight=1.0,
     ))
-
-  def batch_fields(self, domain):
-    if domain == "target":
-      return ("image",) + (
-          (pseudo_labels.FIELD,) if self.block.pseudo_label_dir else ())
-    return ("image", "label")
-
-  def wrap_source(self, domain, source):
-    if domain == "target" and self.block.pseudo_label_dir:
-      return pseudo_labels.WithPseudoLabels(source,
-                                            self.block.pseudo_label_dir)
-    return source
 
   def micro_batch_grads(self, variables, micro, rng, step):
     del rng

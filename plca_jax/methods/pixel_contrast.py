@@ -46,16 +46,9 @@ def pixel_contrast_loss(params, batch_stats, micro, step, *, model, config,
   stage2 = bool(block.pseudo_label_dir)
   inputs_s = (fda.spectral_transfer(images_s, images_t, block.beta)
               if stage2 else images_s)
-  out_s, batch_stats = base.forward(model, params, batch_stats,
-                                    base.encode(inputs_s, config))
-  out_t, batch_stats = base.forward(model, params, batch_stats,
-                                    base.encode(images_t, config))
-  ignore = config.loss.ignore_label
-  labels = base.labels_of(micro, "source")
-  logits_s = losses.at_least_f32(out_s["logits"])
-  terms = {"ce": losses.cross_entropy(
-      losses.upsample_bilinear(logits_s, labels.shape[1:3]), labels, ignore)}
-  terms["entropy"] = fda.robust_entropy(out_t["logits"], block.eta)
+  terms, out_t, batch_stats = fda.ce_and_entropy(
+      model, params, batch_stats, inputs_s, images_t, micro, config,
+      block.eta)
   total = terms["ce"] + block.entropy_weight * terms["entropy"]
   if stage2:
     translated = fda.spectral_transfer(images_t, images_s, block.beta)
@@ -67,12 +60,12 @@ def pixel_contrast_loss(params, batch_stats, micro, step, *, model, config,
     terms["contrast"] = contrastive.pixel_contrast_loss(
         out_t["features"], out_ts["features"], pseudo,
         num_classes=config.model.num_classes, tau=block.tau,
-        ignore_label=ignore, chunk_size=block.chunk_size or None)
+        ignore_label=config.loss.ignore_label, chunk_size=block.chunk_size or None)
     total = total + block.contrast_weight * terms["contrast"]
   return total, (terms, batch_stats)
 
 
-class PixelContrast(base.Method):
+class PixelContrast(pseudo_labels.TargetPseudoLabels, base.Method):
   """Two-stage FDA + pixel contrast; `config.pixel_contrast`."""
 
   name = "pixel_contrast"
@@ -98,18 +91,6 @@ class PixelContrast(base.Method):
         tau=0.1,  # temperature
         chunk_size=256,  # rows of similarities at a time (0: all)
     ))
-
-  def batch_fields(self, domain):
-    if domain == "target":
-      return ("image",) + (
-          (pseudo_labels.FIELD,) if self.block.pseudo_label_dir else ())
-    return ("image", "label")
-
-  def wrap_source(self, domain, source):
-    if domain == "target" and self.block.pseudo_label_dir:
-      return pseudo_labels.WithPseudoLabels(source,
-                                            self.block.pseudo_label_dir)
-    return source
 
   def micro_batch_grads(self, variables, micro, rng, step):
     del rng

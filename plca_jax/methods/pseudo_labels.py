@@ -62,3 +62,19 @@ class WithPseudoLabels:
     if label.shape != (h, w):
       label = transforms.resize_label(label.astype(np.uint8), h, w)
     return {**element, FIELD: label.astype(np.uint8)}
+
+
+class TargetPseudoLabels:
+  """Mixin of a `base.Method` whose config block's `pseudo_label_dir`, when
+  set, adds the target's pseudo-labels (`FIELD`) to its batches."""
+
+  def batch_fields(self, domain):
+    if domain == "target":
+      return ("image",) + ((FIELD,) if self.block.pseudo_label_dir else ())
+    return ("image", "label")
+
+  def wrap_source(self, domain, source):
+    if domain == "target" and self.block.pseudo_label_dir:
+      return WithPseudoLabels(source, self.block.pseudo_label_dir)
+    return source
+
