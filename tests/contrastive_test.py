@@ -48,7 +48,7 @@ def _inputs(seed, n=2, h=3, w=4, c=5, classes=3, ignore_frac=0.25):
 
 class PixelContrastTest(parameterized.TestCase):
 
-  @parameterized.product(chunk_size=[None, 5], tau=[0.1, 0.5])
+  @parameterized.parameters((None, 0.1), (5, 0.5))
   def test_value_and_gradients_match_the_plain_loop(self, chunk_size, tau):
     f, g, y = _inputs(0)
     with jax.enable_x64(True):
