@@ -60,6 +60,7 @@ class RegistryTest(absltest.TestCase):
 
 class BatchNormOrderTest(absltest.TestCase):
 
+  @pytest.mark.slow
   def test_plca_runs_target_then_source(self):
     # SPEC.md s. 1: the release's running statistics are those of a target
     # pass followed by a source pass. Training-mode batch statistics do not
@@ -307,6 +308,7 @@ class PixelContrastTest(absltest.TestCase):
         transforms.network_input(image, config.data),
         transforms.encode(gray, config.data.encoding))
 
+  @pytest.mark.slow
   def test_stage2_update_adds_the_contrastive_term(self):
     config = _config("pixel_contrast")
     source = input_pipeline.create_source(config.data.target, config.data,
@@ -414,6 +416,7 @@ class ResumeTest(absltest.TestCase):
 
 class CheckpointCompatibilityTest(absltest.TestCase):
 
+  @pytest.mark.slow
   def test_a_checkpoint_without_extra_restores_and_a_method_mismatch_fails(
       self):
     config = _config("plca")

@@ -5,6 +5,7 @@ import json
 from absl.testing import absltest
 from etils import epath
 import numpy as np
+import pytest
 
 from configs import test as test_config
 from plca_jax import checkpointing
@@ -117,6 +118,7 @@ class OverlapPipelineTest(absltest.TestCase):
         [b["source"]["index"].tolist() for b in changed[1:]],
         [b["source"]["index"].tolist() for b in rest[1:]])
 
+  @pytest.mark.slow
   def test_two_processes_pick_what_one_process_picks(self):
     # Each process chooses for its rows from the global table; the trainer
     # observes the whole global batch on every process (train._gather_micro

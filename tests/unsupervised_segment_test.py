@@ -95,6 +95,7 @@ class SegmentTest(absltest.TestCase):
     untrained, _ = us.segment_image(image, **{**SMALL, "max_iters": 1})
     self.assertLess(us.adjusted_rand_index(untrained, truth), 0.5)
 
+  @pytest.mark.slow
   def test_checkpoint_features_mode(self):
     config = test_config.get_config()
     model = models.get_model(config)
@@ -115,6 +116,7 @@ class SegmentTest(absltest.TestCase):
     self.assertEqual(segments.shape, (48, 64))
     self.assertEqual(info["segments"], segments.max() + 1)
 
+  @pytest.mark.slow
   def test_evaluation_images_are_segmented_and_scored(self):
     out = self.create_tempdir().full_path
     summary = us.run_on_eval_images(test_config.get_config(), out, 2,
