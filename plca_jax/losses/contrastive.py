@@ -27,10 +27,12 @@ import jax
 import jax.numpy as jnp
 
 from plca_jax.losses.association import at_least_f32
+from plca_jax.losses.association import NORM_EPS
 
 
 def _normalize(x):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True),
+                         NORM_EPS)
 
 
 def _row_lse(f, g, valid_k, tau, chunk_size):

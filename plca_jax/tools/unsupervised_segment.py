@@ -115,6 +115,14 @@ def _step(params, batch_stats, opt_state, inputs, superpixels, *, net,
       loss, labels)
 
 
+@functools.lru_cache
+def _sgd(learning_rate, momentum):
+  """One optax.sgd per setting: `_step` is jitted with the optimizer as a
+  static argument, and a fresh one (new closures) would recompile it for
+  every image."""
+  return optax.sgd(learning_rate, momentum)
+
+
 def superpixels_of(image, n_segments=10000, compactness=100.0):
   """(H, W) int32 SLIC superpixel ids 0..S-1 of a uint8 RGB image."""
   sp = sk_segmentation.slic(image, n_segments=n_segments,
@@ -146,7 +154,7 @@ def segment(inputs, superpixels, *, channels=100, num_convs=2, min_labels=3,
   inputs = jnp.asarray(inputs, jnp.float32)
   variables = net.init(jax.random.key(seed), inputs[None])
   params, batch_stats = variables["params"], variables["batch_stats"]
-  optimizer = optax.sgd(learning_rate, momentum)
+  optimizer = _sgd(learning_rate, momentum)
   opt_state = optimizer.init(params)
   num_superpixels = int(superpixels.max()) + 1
   superpixels = jnp.asarray(superpixels, jnp.int32)
