@@ -114,7 +114,6 @@ def update_temp(config):
 
 def eval_temp(config):
   """XLA temporary buffers of the compiled evaluation step (bytes)."""
-  mesh = sharding.create_mesh(jax.devices()[:1])
   model = models.get_model(config)
   variables = _abstract_variables(config, model)
   h, w = config.data.eval_image_size

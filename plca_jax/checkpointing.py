@@ -179,20 +179,39 @@ def _flat(tree):
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def _read_state(checkpoints, what):
+  """(the latest saved state as NumPy trees, its step) of a checkpoints
+  directory."""
+  manager = ocp.CheckpointManager(checkpoints, item_names=("state",))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{what}: no checkpoint in {checkpoints}")
+  state = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))["state"]
+  logging.info("%s: %s step %d", what, checkpoints, step)
+  return state, step
+
+
+def read_networks(workdir):
+  """{tree: {"params", "batch_stats"}} of every network in WORKDIR's latest
+  checkpoint (the segmentation network as "segmentation"), and its step."""
+  checkpoints = workdir_path(workdir) / "checkpoints"
+  state, step = _read_state(checkpoints, f"workdir {workdir!r}")
+  networks = {"segmentation": {"params": state["params"],
+                               "batch_stats": state["batch_stats"]}}
+  for name, tree in (state.get("extra") or {}).items():
+    networks[name] = {"params": tree["params"],
+                      "batch_stats": tree.get("batch_stats") or {}}
+  return networks, step
+
+
 def _read_variables(path):
   """{"params", "batch_stats"} as NumPy from a workdir or a checkpoint dir."""
   if not epath.Path(path).exists():
     raise FileNotFoundError(f"init_from={path!r} does not exist")
   checkpoints = workdir_path(path) / "checkpoints"
   if checkpoints.is_dir():
-    manager = ocp.CheckpointManager(checkpoints, item_names=("state",))
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"init_from={path!r}: no checkpoint in "
-                              f"{checkpoints}")
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
-    logging.info("init_from: %s step %d", checkpoints, step)
+    state, _ = _read_state(checkpoints, f"init_from={path!r}")
     return {"params": state["params"], "batch_stats": state["batch_stats"]}
   restored = ocp.StandardCheckpointer().restore(workdir_path(path))
   if not isinstance(restored, dict) or "params" not in restored:

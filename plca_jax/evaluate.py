@@ -37,7 +37,10 @@ def predict(variables, images, *, model, config, label_size):
     variables: {"params", "batch_stats"}.
     images: uint8 (N, h, w, 3) RGB network inputs.
   """
-  x = transforms.network_input(images, config.data)
+  if getattr(model, "reads_images", False):  # e.g. LDR's translate-first
+    x = images.astype(jnp.float32)
+  else:
+    x = transforms.network_input(images, config.data)
   out = model.apply(variables, x)
   if not config.eval.aggregate:
     return losses.upsample_bilinear(out["logits"], label_size)
@@ -133,13 +136,27 @@ def evaluate_and_write(config, model, variables, mesh, writer, step,
   return scores
 
 
-def _checkpoint_variables(config, workdir, model, mesh):
+def _checkpoint_variables(config, workdir, model, mesh, method=None):
   """(variables on the mesh, step) of WORKDIR's latest checkpoint, else of
-  `config.init_from` (step 0)."""
+  `config.init_from` (step 0). With a `method` whose evaluation network is
+  not its segmentation network alone (`eval_model`), that network's
+  variables from every tree of WORKDIR's checkpoint."""
   init = jax.eval_shape(lambda r: model.init(
       r, jnp.zeros((1, *config.data.eval_image_size, 3))), jax.random.key(0))
   manager = checkpointing.create_manager(workdir)
   step = manager.latest_step()
+  if method is not None and model is not method.model:
+    if step is None:
+      raise FileNotFoundError(
+          f"config.method={method.name!r} evaluates with networks besides "
+          f"the segmentation network; no checkpoint under {workdir}/"
+          "checkpoints (config.init_from holds the segmentation network "
+          "only)")
+    networks, step = checkpointing.read_networks(workdir)
+    variables = checkpointing.merge_variables(
+        init, method.eval_variables(networks),
+        source=f"{workdir} ({method.name} evaluation network)")
+    return jax.device_put(variables, sharding.replicated(mesh)), step
   source = workdir if step is not None else config.init_from
   if not source:
     raise FileNotFoundError(
@@ -148,6 +165,12 @@ def _checkpoint_variables(config, workdir, model, mesh):
   variables = jax.device_put(checkpointing.load_variables(source, init),
                              sharding.replicated(mesh))
   return variables, step or 0
+
+
+def _eval_model(config, model, method):
+  if method is not None:
+    return method.eval_model()
+  return model or models.get_model(config)
 
 
 def prediction_paths(workdir, name):
@@ -165,7 +188,7 @@ def prediction_paths(workdir, name):
                        stem.replace(".png", "_color.png")))
 
 
-def predict_checkpoint(config, workdir, model=None):
+def predict_checkpoint(config, workdir, model=None, method=None):
   """--mode=predict: writes every evaluation image's prediction as a
   Cityscapes labelIds PNG at the label resolution, and a colour PNG.
 
@@ -173,9 +196,10 @@ def predict_checkpoint(config, workdir, model=None):
   --config.data.eval.require_labels=False` for the test split, which has no
   labels). Returns the number of images written.
   """
-  model = model or models.get_model(config)
+  model = _eval_model(config, model, method)
   mesh = sharding.create_mesh()
-  variables, step = _checkpoint_variables(config, workdir, model, mesh)
+  variables, step = _checkpoint_variables(config, workdir, model, mesh,
+                                          method)
   it, total = input_pipeline.create_eval_iterator(
       config, jax.process_index(), jax.process_count())
   sharding.check_batch_divides(config.eval.batch_size, mesh)
@@ -203,16 +227,18 @@ def predict_checkpoint(config, workdir, model=None):
   return written
 
 
-def evaluate_checkpoint(config, workdir, model=None):
+def evaluate_checkpoint(config, workdir, model=None, method=None):
   """Eval-only run: WORKDIR's latest checkpoint, else `config.init_from`.
 
-  `model` is the segmentation network of the method that wrote it
-  (`methods.get_method(config).model`; default `models.get_model(config)`).
+  `method` is the method that wrote it (`methods.get_method(config)`; its
+  `eval_model()` runs), else `model` the segmentation network (default
+  `models.get_model(config)`).
   Writes eval/... metrics at the checkpoint's step and prints the table.
   """
-  model = model or models.get_model(config)
+  model = _eval_model(config, model, method)
   mesh = sharding.create_mesh()
-  variables, step = _checkpoint_variables(config, workdir, model, mesh)
+  variables, step = _checkpoint_variables(config, workdir, model, mesh,
+                                          method)
   writer = writers.create_writer(workdir, jax.process_index())
   scores = evaluate_and_write(config, model, variables, mesh, writer, step)
   writer.flush()

@@ -69,10 +69,10 @@ def main(argv):
   if FLAGS.mode == "eval":
     method = methods.get_method(config)
     train.warn_protocol(config, method)
-    evaluate.evaluate_checkpoint(config, workdir, method.model)
+    evaluate.evaluate_checkpoint(config, workdir, method=method)
   elif FLAGS.mode == "predict":
     evaluate.predict_checkpoint(config, workdir,
-                                methods.get_method(config).model)
+                                method=methods.get_method(config))
   else:
     train.train_and_evaluate(
         config, workdir, evaluate_during_training=FLAGS.mode != "train")

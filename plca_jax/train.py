@@ -90,8 +90,9 @@ def create_train_state(config, method, rng, mesh):
   return jax.jit(build, out_shardings=replicated)(variables)
 
 
-def train_step(state, batch, rng, *, method):
-  """One optimizer update of every tree over K stacked micro-batches.
+def train_step(state, batch, rng, phase=0, *, method):
+  """One optimizer update of every tree the method trains in `phase`, over
+  K stacked micro-batches.
 
   Args:
     state: TrainState.
@@ -99,10 +100,12 @@ def train_step(state, batch, rng, *, method):
       method's `batch_fields`.
     rng: a key; micro-batch i of the update at step s gets
       `fold_in(fold_in(rng, s), i)`, so a resumed run draws the same numbers.
+    phase: `method.phase_of(step)` (static; 0 for single-phase methods).
 
   Returns:
     (new state, dict of scalar metrics averaged over the micro-batches, plus
-    "grad_norm" (and "<tree>_grad_norm" per other tree); with class-overlap
+    "grad_norm" (and "<tree>_grad_norm" per other tree; 0 for a tree not
+    trained in this phase); with class-overlap
     pairing on pseudo-labels also "target_classes", the (K, B, M) predicted
     class sets of the target images).
   """
@@ -119,31 +122,37 @@ def train_step(state, batch, rng, *, method):
     variables = {n: {"params": t.params, "batch_stats": stats[n]}
                  for n, t in trees.items()}
     micro_grads, new_stats, scalars = method.micro_batch_grads(
-        variables, micro, jax.random.fold_in(rng, i), state.step)
+        variables, micro, jax.random.fold_in(rng, i), state.step, phase)
     stats.update(new_stats)
     grads = micro_grads if grads is None else jax.tree.map(
         jnp.add, grads, micro_grads)
     terms.append(scalars)
   grads = jax.tree.map(lambda g: g / k, grads)
+  # Every tree's `step` counts updates (the run's position); a tree not
+  # trained in this phase keeps its parameters and optimizer state.
   new = {n: (t.apply_gradients(grads=grads[n], batch_stats=stats[n])
-             if n in grads else t.replace(batch_stats=stats[n]))
+             if n in grads else
+             t.replace(step=t.step + 1, batch_stats=stats[n]))
          for n, t in trees.items()}
   new_state = new.pop(base.SEGMENTATION).replace(extra=new)
   classes = [t.pop("target_classes") for t in terms if "target_classes" in t]
   scalars = jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *terms)
-  for name, tree_grads in grads.items():
+  for name in trees:
     key = ("" if name == base.SEGMENTATION else f"{name}_") + "grad_norm"
-    scalars[key] = optax.tree.norm(tree_grads)
+    scalars[key] = (optax.tree.norm(grads[name]) if name in grads else
+                    jnp.zeros([], jnp.float32))
   if classes:  # (K, B, M): for the host's class-overlap pairing table
     scalars["target_classes"] = jnp.stack(classes)
   return new_state, scalars
 
 
 def create_train_step(config, method, mesh, compiler_options=None):
-  """The jitted, sharded update `(state, batch, rng) -> (state, scalars)`.
+  """The jitted, sharded update `(state, batch, rng, phase=0) -> (state,
+  scalars)`.
 
   The state and key are replicated, the state donated, the batch sharded
-  on its batch axis (axis 1: K micro-batches x global batch);
+  on its batch axis (axis 1: K micro-batches x global batch); `phase`
+  (positional, `method.phase_of(step)`) is static: one program per phase;
   backend-specific compiler options come from `plca_jax.xla` unless
   `compiler_options` is given. Main, the benchmarks and the tests use this
   one function.
@@ -157,12 +166,20 @@ def create_train_step(config, method, mesh, compiler_options=None):
       in_shardings=(replicated, sharding.batch_sharding(mesh, 1),
                     replicated),
       out_shardings=(replicated, replicated), donate_argnums=(0,),
-      compiler_options=compiler_options)
+      static_argnums=(3,), compiler_options=compiler_options)
 
 
 def step_key(config):
   """The key `train_step` folds the step into (derived from the seed)."""
   return jax.random.fold_in(jax.random.key(config.seed), TRAIN_KEY_STREAM)
+
+
+def network_variables(state):
+  """{tree: {"params", "batch_stats"}} of every network in `state`."""
+  return {base.SEGMENTATION: {"params": state.params,
+                              "batch_stats": state.batch_stats},
+          **{name: {"params": t.params, "batch_stats": t.batch_stats}
+             for name, t in state.extra.items()}}
 
 
 def is_finite(state):
@@ -320,7 +337,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sharding.check_batch_divides(config.train.batch_size, mesh)
   writer = writers.create_writer(workdir, process_index)
   method = methods.get_method(config)
-  model = method.model
   warn_protocol(config, method)
 
   # Data.
@@ -348,7 +364,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # The jitted update.
   step_fn = create_train_step(config, method, mesh)
   train_key = step_key(config)
-  eval_step_fn = evaluate.create_eval_step(config, model, mesh)
+  eval_model = method.eval_model()
+  eval_step_fn = evaluate.create_eval_step(config, eval_model, mesh)
   num_steps = config.train.num_steps
   hooks = []
   report = periodic_actions.ReportProgress(
@@ -364,17 +381,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   preemption = _Preemption(install=process_count == 1)
 
   # The loop.
-  collection, skipped = None, 0
+  collection, skipped, last_phase = None, 0, None
   logging.info("Training steps %d..%d", start_step + 1, num_steps)
   last_log = (start_step, time.perf_counter())
   try:
     for step in range(start_step + 1, num_steps + 1):
+      phase = method.phase_of(step - 1)
+      if phase != last_phase and last_phase is not None:
+        logging.info("%s: phase %d from update %d (its update compiles "
+                     "now).", method.name, phase, step)
+      last_phase = phase
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch, n_skipped = next_update_batch(
             train_iter, config.train.grad_accum_steps, fields)
         pairing_info = batch.pop("pairing", None)
         state, scalars = step_fn(state, sharding.to_global(batch, mesh, 1),
-                                 train_key)
+                                 train_key, phase)
       skipped += n_skipped
       if pairing_info is not None:
         scalars = _observe_pairing(train_iter, scalars, pairing_info,
@@ -413,9 +435,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           step % config.train.eval_every == 0 or last):
         with report.timed("eval"):
           evaluate.evaluate_and_write(
-              config, model, {"params": state.params,
-                              "batch_stats": state.batch_stats},
-              mesh, writer, step, eval_step_fn)
+              config, eval_model,
+              method.eval_variables(network_variables(state)), mesh, writer,
+              step, eval_step_fn)
   finally:
     preemption.restore()
     manager.wait_until_finished()

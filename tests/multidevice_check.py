@@ -12,7 +12,6 @@ import json
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from configs import test as test_config

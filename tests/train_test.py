@@ -170,8 +170,8 @@ class TrainAndEvaluateTest(absltest.TestCase):
     config.train.checkpoint_every = 1
     original = train.train_step
 
-    def diverging_step(state, batch, rng, **kwargs):
-      new_state, scalars = original(state, batch, rng, **kwargs)
+    def diverging_step(state, batch, rng, phase=0, **kwargs):
+      new_state, scalars = original(state, batch, rng, phase, **kwargs)
       nan = jnp.where(state.step >= 2, jnp.nan, 0.0)  # from the 3rd update
       new_state = new_state.replace(
           params=jax.tree.map(lambda p: p + nan, new_state.params))

@@ -171,8 +171,8 @@ class AdaptSegNet(base.Method):
     return {**super().learning_rates(step),
             "discriminator_learning_rate": self._disc_optimizer()[1](step)}
 
-  def micro_batch_grads(self, variables, micro, rng, step):
-    del rng, step
+  def micro_batch_grads(self, variables, micro, rng, step, phase):
+    del rng, step, phase
     seg = variables[base.SEGMENTATION]
     disc_params = {level: variables[level]["params"] for level in self.levels}
     g_fn = jax.value_and_grad(functools.partial(

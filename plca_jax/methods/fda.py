@@ -137,8 +137,8 @@ class FDA(pseudo_labels.TargetPseudoLabels, base.Method):
         pseudo_label_weight=1.0,
     ))
 
-  def micro_batch_grads(self, variables, micro, rng, step):
-    del rng
+  def micro_batch_grads(self, variables, micro, rng, step, phase):
+    del rng, phase
     return base.segmentation_grads(functools.partial(
         fda_loss, model=self.model, config=self.config, block=self.block),
                                    variables, micro, step)

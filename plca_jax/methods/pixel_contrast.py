@@ -92,8 +92,8 @@ class PixelContrast(pseudo_labels.TargetPseudoLabels, base.Method):
         chunk_size=256,  # rows of similarities at a time (0: all)
     ))
 
-  def micro_batch_grads(self, variables, micro, rng, step):
-    del rng
+  def micro_batch_grads(self, variables, micro, rng, step, phase):
+    del rng, phase
     return base.segmentation_grads(functools.partial(
         pixel_contrast_loss, model=self.model, config=self.config,
         block=self.block), variables, micro, step)

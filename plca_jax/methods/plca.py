@@ -58,8 +58,8 @@ class PLCA(base.Method):
   name = "plca"
   test_time_aggregation = True
 
-  def micro_batch_grads(self, variables, micro, rng, step):
-    del rng, step  # PLCA's update is deterministic
+  def micro_batch_grads(self, variables, micro, rng, step, phase):
+    del rng, step, phase  # PLCA's update is deterministic; one phase
     seg = variables[base.SEGMENTATION]
     grad_fn = jax.value_and_grad(
         functools.partial(micro_batch_loss, model=self.model,

@@ -48,8 +48,8 @@ class SourceOnly(base.Method):
   def batch_fields(self, domain):
     return ("image", "label") if domain == "source" else ()
 
-  def micro_batch_grads(self, variables, micro, rng, step):
-    del rng, step
+  def micro_batch_grads(self, variables, micro, rng, step, phase):
+    del rng, step, phase
     return base.segmentation_grads(functools.partial(
         source_loss, model=self.model, config=self.config, block=self.block),
                                    variables, micro)

@@ -5,8 +5,6 @@ import jax.numpy as jnp
 from plca_jax import xla
 
 from plca_jax.models.deeplab_v2 import DeepLabV2
-from plca_jax.models.resnet import ResNet
-
 MODELS = {"deeplab_v2": DeepLabV2}
 
 
