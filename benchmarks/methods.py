@@ -16,6 +16,10 @@ updates and evaluation) in its own process, and prints the target mIoU
 - pixel_contrast: stage 1 (grayscale, CE + entropy), MBT pseudo-labels of
   that one model, then stage 2 (a new run from scratch: stylised source CE,
   entropy, pixel contrast); its time per update is stage 2's;
+- ldr: `configs/ldr.py`'s networks; LDR_TRANSLATION_STEPS updates of the
+  translation networks, then the given number of segmentation updates
+  (poly horizon the same), evaluated through the translation network (its
+  protocol); its time per update is over both phases;
 - plca: with test-time aggregation (its protocol), and "plca (no TTA)", the
   same checkpoint evaluated without it.
 
@@ -33,8 +37,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("source_only", "adaptsegnet", "fda", "fda_mbt", "pixel_contrast",
-           "plca")
+           "ldr", "plca")
 BETAS = (0.01, 0.05, 0.09)
+LDR_TRANSLATION_STEPS = 200  # configs/ldr.py's demo phase 1
 
 
 def _metrics(workdir):
@@ -57,7 +62,7 @@ def _run(args, log):
                    stderr=subprocess.STDOUT, cwd=REPO)
 
 
-def train(workdir, method, seed, steps, *extra):
+def train(workdir, method, seed, steps, *extra, config="configs/demo.py"):
   """Trains one run unless it is finished; returns its workdir."""
   if not _finished(workdir, steps):
     overrides = [f"--config.method={method}", f"--config.seed={seed}",
@@ -67,7 +72,7 @@ def train(workdir, method, seed, steps, *extra):
     if method != "plca":
       overrides.append("--config.eval.aggregate=False")
     t0 = time.time()
-    _run(["-m", "plca_jax.main", "--config=configs/demo.py",
+    _run(["-m", "plca_jax.main", f"--config={config}",
           f"--workdir={workdir}", *overrides, *extra],
          workdir.rstrip("/") + ".log")
     print(f"  {os.path.basename(workdir)}: {time.time() - t0:.0f} s",
@@ -128,6 +133,11 @@ def run_seed(root, method, seed, steps):
     train(workdir, "pixel_contrast", seed, steps,
           f"--config.pixel_contrast.pseudo_label_dir={pseudo}")
     return {"pixel_contrast": result(workdir)}
+  if method == "ldr":
+    train(workdir, "ldr", seed, LDR_TRANSLATION_STEPS + steps,
+          f"--config.ldr.translation_steps={LDR_TRANSLATION_STEPS}",
+          config="configs/ldr.py")
+    return {"ldr": result(workdir)}
   if method == "fda":
     workdir = os.path.join(root, f"fda_{seed}")
     train(workdir, "fda", seed, steps, "--config.fda.beta=0.01")

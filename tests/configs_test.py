@@ -13,6 +13,7 @@ from configs import default
 from configs import demo
 from configs import fda
 from configs import gta5
+from configs import ldr
 from configs import pixel_contrast
 from configs import source_only
 from configs import synthia
@@ -44,7 +45,8 @@ class ConfigsTest(parameterized.TestCase):
                      (18, 4, 1, 30_000))
 
   @parameterized.parameters(demo, gta5, synthia, synthia_r18, test_config,
-                            adaptsegnet, fda, source_only, pixel_contrast)
+                            adaptsegnet, fda, source_only, pixel_contrast,
+                            ldr)
   def test_every_key_is_declared_in_default(self, module):
     keys = lambda c, p="": {p + k for k in c.keys()} | set().union(
         *[keys(v, f"{p}{k}.") for k, v in c.items() if hasattr(v, "keys")])
@@ -60,7 +62,22 @@ class ConfigsTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "'stage3'"):
       pixel_contrast.get_config("stage3")
 
-  @parameterized.parameters(adaptsegnet, fda, source_only)
+  def test_ldr_phases(self):
+    demo_config = ldr.get_config()
+    block = demo_config.ldr
+    # The segmentation network's poly horizon is what follows phase 0: the
+    # demo's 600 updates.
+    self.assertEqual((demo_config.method, block.translation_steps,
+                      demo_config.train.num_steps),
+                     ("ldr", 200, 800))
+    self.assertEqual(demo_config.optim.schedule_steps -
+                     block.translation_steps, 600)
+    paper = ldr.get_config("gta5")
+    self.assertEqual((paper.ldr.gen_channels, paper.ldr.gen_blocks,
+                      paper.ldr.recon_scales), (64, 9, 3))
+    self.assertLess(paper.ldr.translation_steps, paper.train.num_steps)
+
+  @parameterized.parameters(adaptsegnet, fda, source_only, ldr)
   def test_method_configs(self, module):
     for source, classes in (("gta5", 19), ("synthia", 16)):
       config = module.get_config(source)

@@ -5,6 +5,7 @@ import os
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
+from jax import flatten_util
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -12,6 +13,7 @@ import pytest
 
 from configs import test as test_config
 from plca_jax import checkpointing
+from plca_jax import evaluate
 from plca_jax import methods
 from plca_jax import train
 from plca_jax import writers
@@ -20,6 +22,7 @@ from plca_jax.data import transforms
 from plca_jax.methods import adaptsegnet
 from plca_jax.methods import base
 from plca_jax.methods import fda
+from plca_jax.methods import ldr
 from plca_jax.methods import mbt
 from plca_jax.methods import plca
 from plca_jax.methods import pseudo_labels
@@ -47,7 +50,7 @@ class RegistryTest(absltest.TestCase):
     config = _config("plca")
     config.method = "adaptsegnt"
     with self.assertRaisesRegex(ValueError, "'adaptsegnt'.*adaptsegnet, fda, "
-                                "pixel_contrast, plca, source_only"):
+                                "ldr, pixel_contrast, plca, source_only"):
       methods.get_method(config)
 
   def test_every_method_block_is_in_the_default_config(self):
@@ -336,6 +339,132 @@ class PixelContrastTest(absltest.TestCase):
     expected = (scalars["ce"] + block.entropy_weight * scalars["entropy"] +
                 block.contrast_weight * scalars["contrast"])
     np.testing.assert_allclose(scalars["loss"], expected, rtol=1e-5)
+
+
+def _ldr_config(translation_steps=2):
+  """LDR on the test config with 4-channel GAN networks."""
+  config = _config("ldr", translation_steps=translation_steps,
+                   gen_channels=4, gen_blocks=1, disc_channels=4,
+                   recon_channels=4, recon_blocks=1, recon_disc_channels=4,
+                   output_disc_channels=(4, 4, 4, 4))
+  config.eval.aggregate = False
+  return config
+
+
+def _networks(workdir, step, config, method):
+  """{tree: (params, batch_stats)} and {tree: optimizer state} as NumPy,
+  from WORKDIR's checkpoint at `step` (0: the initial state)."""
+  mesh = train.sharding.create_mesh()
+  state = train.create_train_state(config, method, jax.random.key(config.seed),
+                                   mesh)
+  if step:
+    state = checkpointing.restore(checkpointing.create_manager(workdir), step,
+                                  state, input_pipeline.create_train_iterator(
+                                      config))
+  trees = {base.SEGMENTATION: state, **state.extra}
+  return jax.device_get(({n: (t.params, t.batch_stats)
+                          for n, t in trees.items()},
+                         {n: t.opt_state for n, t in trees.items()}))
+
+
+def _changed(before, after):
+  """Names of the trees whose leaves differ."""
+  return {n for n in before if any(
+      not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[n]),
+                                               jax.tree.leaves(after[n])))}
+
+
+class LDRTest(absltest.TestCase):
+
+  @pytest.mark.slow
+  def test_reconstruction_reaches_the_segmentation_network_scaled(self):
+    # The segmentation gradient is d(seg objective) + lambda_recon *
+    # d(recon): affine in lambda_recon, whose forward value is unused.
+    config = _ldr_config()
+    batch, _ = train.next_update_batch(
+        input_pipeline.create_train_iterator(config), 1,
+        {"source": ("image", "label"), "target": ("image",)})
+    micro = jax.tree.map(lambda x: x[0], batch)
+    variables = None
+    grads = []
+    for weight in (0.0, 0.5, 1.0):
+      config.ldr.lambda_recon = weight
+      method = methods.get_method(config)
+      if variables is None:
+        state = train.create_train_state(
+            config, method, jax.random.key(0), train.sharding.create_mesh())
+        variables = train.network_variables(state)
+      g, _, terms = jax.jit(method.adaptation_grads)(variables, micro)
+      grads.append(flatten_util.ravel_pytree(g[base.SEGMENTATION])[0])
+      self.assertGreater(float(terms["recon"]), 0.0)
+    step = grads[2] - grads[1]  # large: cancellation sets the tolerance
+    np.testing.assert_allclose(step, grads[1] - grads[0], rtol=1e-3,
+                               atol=1e-6 * float(jnp.abs(step).max()))
+    self.assertGreater(float(jnp.abs(grads[2] - grads[0]).max()),
+                       1e-4 * float(jnp.abs(grads[0]).max()))
+
+  @pytest.mark.slow
+  def test_phases_resume_and_evaluation_through_the_translator(self):
+    config = _ldr_config(translation_steps=2)
+    config.train.log_every = 1
+    method = methods.get_method(config)
+    self.assertEqual([method.phase_of(s) for s in range(4)], [0, 0, 1, 1])
+    reference = self.create_tempdir().full_path
+    train.train_and_evaluate(config, reference)  # evaluates at step 4
+    records = writers.read_metrics(reference)
+    final = [r for r in records if "eval/miou" in r][-1]
+    logged = {r["step"]: r for r in records if "train/loss" in r}
+    # Each phase updates its own trees only, and their optimizer states;
+    # the others keep parameters, statistics and optimizer state exactly.
+    translation = set(ldr.TRANSLATION_TREES)
+    adaptation = set(ldr.ADAPTATION_TREES) | {base.SEGMENTATION}
+    nets, opts = zip(*[_networks(reference, s, config, method)
+                       for s in (0, 2, 4)])
+    self.assertEqual(_changed(nets[0], nets[1]), translation)
+    self.assertEqual(_changed(opts[0], opts[1]), translation)
+    self.assertEqual(_changed(nets[1], nets[2]), adaptation)
+    self.assertEqual(_changed(opts[1], opts[2]), adaptation)
+    for step in (1, 2):  # phase 0
+      self.assertGreater(logged[step]["train/cycle"], 0.0)
+      self.assertEqual(logged[step]["train/loss"], 0.0)
+      self.assertEqual(logged[step]["train/reconstructor_grad_norm"], 0.0)
+    block = config.ldr
+    for step in (3, 4):  # phase 1
+      r = {k[len("train/"):]: v for k, v in logged[step].items()
+           if k.startswith("train/")}
+      self.assertEqual(r["cycle"], 0.0)
+      self.assertEqual(r["translator_ts_grad_norm"], 0.0)
+      np.testing.assert_allclose(
+          r["loss"], r["ce"] + block.lambda_pseudo * r["pseudo_ce"] +
+          block.lambda_adv * r["adv"] + block.lambda_recon * r["recon"],
+          rtol=1e-5)
+
+    # Stopped inside phase 0 after update 1, resumed to 4 (phase 1 from 3).
+    workdir = self.create_tempdir().full_path
+    stopped = config.copy_and_resolve_references()
+    stopped.train.num_steps = 1
+    train.train_and_evaluate(stopped, workdir, evaluate_during_training=False)
+    self.assertEqual(checkpointing.create_manager(workdir).latest_step(), 1)
+    train.train_and_evaluate(config, workdir, evaluate_during_training=False)
+
+    def scalars(path):
+      return {r["step"]: (r["train/translation_loss"], r["train/loss"],
+                          r["train/recon"], r["train/d_loss"])
+              for r in writers.read_metrics(path) if "train/loss" in r}
+
+    want, got = scalars(reference), scalars(workdir)
+    self.assertEqual(sorted(got), [1, 2, 3, 4])
+    for step in (2, 3, 4):
+      np.testing.assert_allclose(got[step], want[step], rtol=1e-5)
+    # --mode=eval on the resumed workdir: the translate-then-segment network
+    # from every tree of its checkpoint; the same score as the reference's
+    # own final evaluation (same parameters).
+    scores = evaluate.evaluate_checkpoint(config, workdir, method=method)
+    np.testing.assert_allclose(scores["miou"], final["eval/miou"], atol=1e-6)
+    # Without translation the segmentation network alone is evaluated.
+    config.ldr.translate_at_eval = False
+    plain = methods.get_method(config)
+    self.assertIs(plain.eval_model(), plain.model)
 
 
 class TrainEveryMethodTest(parameterized.TestCase):

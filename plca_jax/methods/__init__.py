@@ -7,6 +7,7 @@ see `plca_jax/methods/base.py` and the README ("Adding a method").
 from plca_jax.methods import adaptsegnet
 from plca_jax.methods import base
 from plca_jax.methods import fda
+from plca_jax.methods import ldr
 from plca_jax.methods import pixel_contrast
 from plca_jax.methods import plca
 from plca_jax.methods import source_only
@@ -17,6 +18,7 @@ METHODS = {
     "adaptsegnet": adaptsegnet.AdaptSegNet,
     "fda": fda.FDA,
     "pixel_contrast": pixel_contrast.PixelContrast,
+    "ldr": ldr.LDR,
 }
 
 
