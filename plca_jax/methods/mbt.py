@@ -135,12 +135,17 @@ def write_pseudo_labels(config, model, workdirs, out, weights=None):
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (get_config).",
-                                lock_config=True)
-flags.DEFINE_list("workdirs", None, "Workdirs (or converted checkpoints) of "
-                  "the models to average, e.g. FDA's three betas.")
-flags.DEFINE_list("weights", None, "Their weights (default: equal).")
-flags.DEFINE_string("out", None, "Directory for the pseudo-label PNGs.")
+
+
+def _define_flags():
+  # In __main__ only, so that other command lines (plca_jax.recipes) can
+  # import this module and define their own --config.
+  config_flags.DEFINE_config_file("config", None, "Config file (get_config).",
+                                  lock_config=True)
+  flags.DEFINE_list("workdirs", None, "Workdirs (or converted checkpoints) "
+                    "of the models to average, e.g. FDA's three betas.")
+  flags.DEFINE_list("weights", None, "Their weights (default: equal).")
+  flags.DEFINE_string("out", None, "Directory for the pseudo-label PNGs.")
 
 
 def main(argv):
@@ -162,5 +167,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config", "workdirs", "out"])
   app.run(main)
