@@ -1,4 +1,8 @@
-r"""pixel_contrast on the demo domains: the two-stage recipe, one command each.
+r"""pixel_contrast on the demo domains: the two-stage recipe.
+
+    # All of it, one command (the three steps below, one folder each):
+    python -m plca_jax.recipes --recipe=pixel_contrast \
+      --config=configs/pixel_contrast.py --workdir=/tmp/pc
 
     # Stage 1: grayscale, CE on the source + entropy on the target.
     python -m plca_jax.main --config=configs/pixel_contrast.py:stage1 \

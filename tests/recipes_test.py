@@ -61,6 +61,22 @@ class RecipesTest(absltest.TestCase):
     self.assertEqual(os.path.getmtime(os.path.join(pseudo, recipes.COMPLETE)),
                      stamp)
 
+  @pytest.mark.slow
+  def test_fda_mbt_trains_each_beta_then_the_round(self):
+    config = _config("fda")
+    config.train.num_steps = 1
+    workdir = self.create_tempdir().full_path
+    result = recipes.fda_mbt(config, workdir, betas=(0.01, 0.09))
+    self.assertEqual(result, os.path.join(workdir, "round"))
+    for run in ("beta_0.01", "beta_0.09", "round"):
+      manager = checkpointing.create_manager(os.path.join(workdir, run))
+      self.assertEqual(manager.latest_step(), 1)
+    with open(os.path.join(workdir, "pseudo_labels", recipes.COMPLETE)) as f:
+      self.assertEqual(f.read().split(), [os.path.join(workdir, "beta_0.01"),
+                                          os.path.join(workdir, "beta_0.09")])
+    self.assertTrue(np.isfinite([r for r in writers.read_metrics(result)
+                                 if "eval/miou" in r][-1]["eval/miou"]))
+
   def test_a_recipe_refuses_another_method(self):
     with self.assertRaisesRegex(ValueError, "config.method='fda'.*'plca'"):
       recipes.fda_mbt(_config("plca"), self.create_tempdir().full_path)
