@@ -55,9 +55,9 @@ def create_train_state(config, method, rng, mesh):
   """Initialises the train state of every tree of `method` onto the mesh.
 
   The segmentation network initialises from `rng`, the k-th other network
-  (k = 1, 2, ...) from `fold_in(rng, k)`. With `config.init_from`, its variables replace the
-  segmentation network's initial ones (leaves matching
-  `config.init_allow_missing` may keep their initial values).
+  (k = 1, 2, ...) from `fold_in(rng, k)`. With `config.init_from`, its
+  variables replace the segmentation network's initial ones (leaves
+  matching `config.init_allow_missing` may keep their initial values).
   """
   if config.init_from:
     checkpointing.check_init_expectations(config)

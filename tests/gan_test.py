@@ -144,7 +144,8 @@ class NetworksTest(absltest.TestCase):
       self.assertLen(outputs[k], 4)
       for got, want in zip(outputs[k], expected):
         np.testing.assert_allclose(got, _nhwc(want), rtol=1e-4, atol=1e-5)
-    self.assertEqual(outputs[0][-1].shape, (2, 6, 8, 1))  # 32 -> 16 -> 8 -> 7 -> 6
+    # 32 -> 16 -> 8 -> 7 -> 6 (4x4 convs, padding 1: stride 2, 2, 1, 1).
+    self.assertEqual(outputs[0][-1].shape, (2, 6, 8, 1))
     self.assertEqual(outputs[0][1].shape[-1], 8)  # 4 x min(2^i, 8) wide
 
 

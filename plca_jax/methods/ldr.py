@@ -4,15 +4,16 @@
 Segmentation". One run trains it in two phases (one command:
 `configs/ldr.py`):
 
-1. Updates 1..`translation_steps`: the target -> source translation
-   network G (and the source -> target network F it is trained with,
-   unpaired, CycleGAN-style): least-squares adversarial terms against two
-   PatchGAN image discriminators, one per domain, plus the cycle terms
-   lambda_cycle (|F(G(x_t)) - x_t|_1 + |G(F(x_s)) - x_s|_1).
-2. Then, with G fixed: the segmentation network on source images (CE with
-   their labels) and on translated target images G(x_t) (CE with
-   self-supervised pseudo-labels: the network's own prediction where its
-   softmax maximum is >= `pseudo_threshold`); output-space adversarial
+1. Phase 0, updates 1..`translation_steps`: the target -> source
+   translation network G (and the source -> target network F it is
+   trained with, unpaired, CycleGAN-style): least-squares adversarial
+   terms against two PatchGAN image discriminators, one per domain, plus
+   the cycle terms lambda_cycle (|F(G(x_t)) - x_t|_1 + |G(F(x_s)) - x_s|_1).
+2. Phase 1, the updates after: with G fixed, the segmentation network on
+   source images (CE with their labels) and on translated target images
+   G(x_t) (CE with self-supervised pseudo-labels: the network's own
+   prediction where its softmax maximum is >= `pseudo_threshold`);
+   output-space adversarial
    alignment of the translated target's softmax to the source's (an
    AdaptSegNet discriminator, BCE, weight lambda_adv); and a reconstruction
    network R that rebuilds each input image (source and translated target)
@@ -33,7 +34,8 @@ Deviations and choices, all said in the README:
 - Pseudo-labels are computed online from the current network (thresholded
   softmax) rather than in offline self-training rounds.
 - No image history buffer for the translation discriminators (CycleGAN
-  keeps 50 past fakes); instance norm without affine parameters.
+  keeps 50 past fakes) and no identity term; instance norm without affine
+  parameters.
 - The weights lambda_recon, temperature and pseudo_threshold are this
   project's choices (the authors' code cannot be read here); the GAN
   settings (Adam 2e-4, betas 0.5 / 0.999, lambda_cycle 10, lambda_fm 10,
