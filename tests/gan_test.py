@@ -210,6 +210,16 @@ class LossesTest(absltest.TestCase):
     for g in grads:
       np.testing.assert_array_equal(g, 0.0)  # the real side is detached
 
+  def test_unit_normalize(self):
+    f = _rng(9).normal(size=(2, 3, 5)) * 100.0
+    f[0, 0] = 0.0  # a zero vector stays zero
+    got = np.asarray(gan_losses.unit_normalize(jnp.asarray(f, jnp.float32)))
+    norm = np.sqrt(np.sum(f**2, -1, keepdims=True))
+    np.testing.assert_allclose(got, f / np.where(norm > 0, norm, 1.0),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.linalg.norm(got[1], axis=-1), 1.0,
+                               rtol=1e-5)
+
   def test_confident_pseudo_labels_and_soft_label_map(self):
     logits = np.array([[[[4.0, 0.0, 0.0], [1.0, 1.2, 0.9]],
                         [[0.0, 0.0, 9.0], [2.0, 2.0, -3.0]]]])

@@ -1,5 +1,6 @@
 """Losses of GAN-based methods (LDR): least-squares GAN, feature matching,
-L1 reconstruction / cycle terms, a perceptual term, confident pseudo-labels.
+L1 reconstruction / cycle terms, a perceptual term (and the unit
+normalisation of its features), confident pseudo-labels.
 
 Conventions as CycleGAN's and pix2pixHD's code: the least-squares GAN loss
 (Mao et al. 2017) is mean((D(x) - 1)^2) for "real" and mean(D(x)^2) for
@@ -59,6 +60,14 @@ def perceptual_loss(fake_features, real_features, weights=None):
     weights = [1.0] * len(fake_features)
   return sum(w * l1_loss(f, jax.lax.stop_gradient(r))
              for w, f, r in zip(weights, fake_features, real_features))
+
+
+def unit_normalize(features, epsilon=1e-10):
+  """(..., C) -> each vector divided by its L2 norm over C (+ epsilon), in
+  float32; mean |a - b| of two such is at most 2."""
+  features = features.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(features), axis=-1, keepdims=True))
+  return features / (norm + epsilon)
 
 
 def confident_pseudo_labels(logits, threshold, ignore_label=255):

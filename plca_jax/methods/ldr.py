@@ -285,11 +285,18 @@ class LDR(base.Method):
                    "image_d_loss": d_total}
 
   def _features(self, seg, images):
-    """Layer4 features (eval mode, parameters held fixed) of 0-255 images:
-    the perceptual loss's feature extractor."""
+    """Layer4 features (eval mode, parameters held fixed) of 0-255 images,
+    unit-normalised over channels: the perceptual loss's feature extractor.
+
+    Unnormalised, their scale is whatever the segmentation network's
+    running statistics make it: on the demo the perceptual term reached
+    3.7e3 at the start of phase 1 and, through lambda_recon, diverged the
+    segmentation network within 5 updates (seed 2). Per-pixel unit vectors
+    (as LPIPS normalises its features) bound it by 2.
+    """
     fixed = jax.lax.stop_gradient(seg)
-    return self.model.apply(fixed, base.encode(images, self.config))[
-        "features"]
+    return gan_losses.unit_normalize(self.model.apply(
+        fixed, base.encode(images, self.config))["features"])
 
   def adaptation_grads(self, variables, micro):
     """Phase 2: gradients of the segmentation network and of the three
