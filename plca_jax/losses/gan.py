@@ -26,10 +26,7 @@ def multiscale_lsgan_loss(outputs, real):
   """Sum over discriminators of `lsgan_loss` of each one's last output.
 
   `outputs` is a list (per discriminator) of lists of layer outputs, as
-  `models.gan.MultiScaleDiscriminator` returns; a single discriminator's
-  list of layers is accepted too."""
-  if not isinstance(outputs[0], (list, tuple)):
-    outputs = [outputs]
+  `models.gan.MultiScaleDiscriminator` returns."""
   return sum(lsgan_loss(layers[-1], real) for layers in outputs)
 
 

@@ -13,12 +13,11 @@ Segmentation". One run trains it in two phases (one command:
    source images (CE with their labels) and on translated target images
    G(x_t) (CE with self-supervised pseudo-labels: the network's own
    prediction where its softmax maximum is >= `pseudo_threshold`);
-   output-space adversarial
-   alignment of the translated target's softmax to the source's (an
-   AdaptSegNet discriminator, BCE, weight lambda_adv); and a reconstruction
-   network R that rebuilds each input image (source and translated target)
-   from its predicted label map softmax(logits / temperature), trained as a
-   conditional GAN (pix2pixHD): multi-scale PatchGAN discriminators on
+   output-space adversarial alignment of the translated target's softmax
+   to the source's (an AdaptSegNet discriminator, BCE, weight lambda_adv);
+   and a reconstruction network R that rebuilds each input image (source
+   and translated target) from its predicted label map
+   softmax(logits / temperature), trained as a conditional GAN (pix2pixHD): multi-scale PatchGAN discriminators on
    (label map, image), least-squares adversarial + lambda_fm x feature
    matching + lambda_perceptual x perceptual loss. The reconstruction loss
    also back-propagates into the segmentation network through the label
@@ -105,7 +104,7 @@ class LDR(base.Method):
   @staticmethod
   def default_config():
     return ml_collections.ConfigDict(dict(
-        translation_steps=200,  # phase 1 length (updates)
+        translation_steps=200,  # phase 0 length (updates)
         # Translation networks (CycleGAN: 64 channels, 9 blocks, 64 / 3).
         gen_channels=16,
         gen_blocks=2,
@@ -247,7 +246,7 @@ class LDR(base.Method):
     return self.image_disc.apply({"params": params}, images)
 
   def translation_grads(self, variables, micro):
-    """Phase 1: gradients of the four translation trees; scalars."""
+    """Phase 0: gradients of the four translation trees; scalars."""
     block = self.block
     params = {n: variables[n]["params"] for n in TRANSLATION_TREES}
     real = {d: gan.to_unit_range(micro[d]["image"]) for d in base.DOMAINS}
@@ -299,7 +298,7 @@ class LDR(base.Method):
         fixed, base.encode(images, self.config))["features"])
 
   def adaptation_grads(self, variables, micro):
-    """Phase 2: gradients of the segmentation network and of the three
+    """Phase 1: gradients of the segmentation network and of the three
     adaptation trees; new BatchNorm statistics; scalars."""
     block, config = self.block, self.config
     seg = variables[base.SEGMENTATION]
