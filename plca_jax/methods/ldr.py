@@ -17,8 +17,9 @@ Segmentation". One run trains it in two phases (one command:
    to the source's (an AdaptSegNet discriminator, BCE, weight lambda_adv);
    and a reconstruction network R that rebuilds each input image (source
    and translated target) from its predicted label map
-   softmax(logits / temperature), trained as a conditional GAN (pix2pixHD): multi-scale PatchGAN discriminators on
-   (label map, image), least-squares adversarial + lambda_fm x feature
+   softmax(logits / temperature), trained as a conditional GAN
+   (pix2pixHD): multi-scale PatchGAN discriminators on (label map, image),
+   least-squares adversarial + lambda_fm x feature
    matching + lambda_perceptual x perceptual loss. The reconstruction loss
    also back-propagates into the segmentation network through the label
    map, weighted lambda_recon.
