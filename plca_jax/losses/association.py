@@ -224,40 +224,89 @@ def _aggregate_fwd(x, metric, alpha, chunk_size):
 
 
 def _aggregate_bwd(metric, alpha, chunk_size, res, g):
-  x, (mean, scale, lse) = res
+  x, stats = res
+  if metric == "cos":
+    return (_aggregate_bwd_cos(alpha, chunk_size, x, stats, g),)
+  return (_aggregate_bwd_kl(alpha, chunk_size, x, stats, g),)
+
+
+# For `cos` both operands are x^ = diag(r) x, so the gradient w.r.t. x^ has
+# a row part (the chunk's rows: dd x^, a product over all L) and a column
+# part (dd^T x^ over the chunk's rows, accumulated over chunks); the direct
+# term W^T g is accumulated over chunks too. Both accumulations go into ONE
+# (L, C) buffer as one product of stacked operands,
+#   E_j = dx^_j + (W^T g)_j / r_j = sum_i [dd_ij x^_i + (w_ij / r_j) g_i]
+#         (+ the row part), with K = 2 x chunk rows,
+# and the normalisation's projection reads x_j . dx^_j = x_j . E_j -
+# (sum_i w_ij dw_ij) / r_j, whose column sum is elementwise work: one
+# accumulator pass per chunk instead of two, one (L, C) buffer fewer.
+
+
+def _aggregate_bwd_cos(alpha, chunk_size, x, stats, g):
+  """Gradient w.r.t. x (L, C) of the `cos` aggregation, cotangent g."""
+  mean, scale, lse = stats
   xf = at_least_f32(x)
-  u, ra, c, v, rb = _scaled_operands(xf, metric)
-  shared = metric == "cos"  # A and B both scale x: one accumulator
+  sq = jnp.sum(xf * xf, axis=-1)
+  r = jax.lax.rsqrt(jnp.maximum(sq, NORM_EPS**2))
   n = xf.shape[0]
   chunk, num_chunks = _chunk_geometry(n, chunk_size)
 
   def body(carry, k):
-    dx, da_acc, db, dc = carry
+    acc, wdw = carry
     start, fresh = _row_block(k, chunk, n)
-    u_r, ra_r, c_r, mean_r, scale_r, lse_r = (
-        _rows(y, start, chunk) for y in (u, ra, c, mean, scale, lse))
+    x_r, r_r, mean_r, scale_r, lse_r = (
+        _rows(y, start, chunk) for y in (xf, r, mean, scale, lse))
+    a_r = x_r * r_r[:, None]
+    w = jnp.exp((_similarity_rows(a_r, jnp.zeros_like(r_r), xf, r) - mean_r)
+                / scale_r - lse_r)  # W rows, recomputed once
     # Rows an earlier chunk had contribute nothing.
     g_r = alpha * _rows(g, start, chunk).astype(xf.dtype) * fresh[:, None]
-    a_r = u_r * ra_r[:, None]
-    w = jnp.exp((_similarity_rows(a_r, c_r, v, rb) - mean_r) / scale_r
+    wdw_r = w * (g_r @ xf.T)  # W * dL/dW, (R, L)
+    dd = (wdw_r - w * jnp.sum(wdw_r, axis=-1, keepdims=True)) / scale_r
+    row_part = (dd * r[None, :]) @ xf
+    stacked = jnp.concatenate([dd, w / r[None, :]], axis=0)  # (2R, L)
+    acc = acc + stacked.T @ jnp.concatenate([a_r, g_r], axis=0)
+    return (_add_at(acc, start, row_part), wdw + jnp.sum(wdw_r, 0)), None
+
+  (acc, wdw), _ = jax.lax.scan(
+      body, (jnp.zeros_like(xf), jnp.zeros((n,), xf.dtype)),
+      jnp.arange(num_chunks))
+  # dx = (1 - a) g + W^T g + r (dx^ - (x^ . dx^) x^), the projection only
+  # where |x| > 1e-12 (r is constant below).
+  x_dxhat = jnp.sum(xf * acc, -1) - wdw / r
+  dr = jnp.where(sq > NORM_EPS**2, r**3 * x_dxhat, 0.0)
+  dx = (1.0 - alpha) * g + r[:, None] * acc - dr[:, None] * xf
+  return dx.astype(x.dtype)
+
+
+def _aggregate_bwd_kl(alpha, chunk_size, x, stats, g):
+  """Gradient w.r.t. x (L, C) of the `kl` aggregation, cotangent g."""
+  mean, scale, lse = stats
+  xf = at_least_f32(x)
+  u, _, c, v, rb = _scaled_operands(xf, "kl")
+  n = xf.shape[0]
+  chunk, num_chunks = _chunk_geometry(n, chunk_size)
+
+  def body(carry, k):
+    dx, da, db, dc = carry
+    start, fresh = _row_block(k, chunk, n)
+    u_r, c_r, mean_r, scale_r, lse_r = (
+        _rows(y, start, chunk) for y in (u, c, mean, scale, lse))
+    # Rows an earlier chunk had contribute nothing.
+    g_r = alpha * _rows(g, start, chunk).astype(xf.dtype) * fresh[:, None]
+    w = jnp.exp((_similarity_rows(u_r, c_r, v, rb) - mean_r) / scale_r
                 - lse_r)  # W rows, recomputed once
     dw = g_r @ xf.T  # dL/dW, (R, L)
     dd = w * (dw - jnp.sum(w * dw, axis=-1, keepdims=True)) / scale_r
-    db = db + dd.T @ a_r  # dL/dB, B = diag(rb) v
-    da_r = (dd * rb[None, :]) @ v  # dL/dA rows
-    if shared:
-      db = _add_at(db, start, da_r)
-    else:
-      da_acc = _add_at(da_acc, start, da_r)
-    return (dx + w.T @ g_r, da_acc, db,
+    return (dx + w.T @ g_r, _add_at(da, start, dd @ v), db + dd.T @ u_r,
             _add_at(dc, start, jnp.sum(dd, -1))), None
 
   zeros = jnp.zeros_like(xf)
   (dx, da, db, dc), _ = jax.lax.scan(
-      body, (zeros, None if shared else zeros, zeros,
-             jnp.zeros((n,), xf.dtype)), jnp.arange(num_chunks))
-  dx_operands = _operands_grad(xf, metric, None if shared else da, dc, db)
-  return (((1.0 - alpha) * g + dx + dx_operands).astype(x.dtype),)
+      body, (zeros, zeros, zeros, jnp.zeros((n,), xf.dtype)),
+      jnp.arange(num_chunks))
+  dx_operands = _operands_grad(xf, "kl", da, dc, db)
+  return ((1.0 - alpha) * g + dx + dx_operands).astype(x.dtype)
 
 
 _aggregate_single.defvjp(_aggregate_fwd, _aggregate_bwd)
@@ -306,25 +355,173 @@ bce_positive.defvjp(lambda x: (bce_positive(x), x),
 # The cycle association of one image pair as one custom VJP. Its output that
 # carries a gradient is the scalar sum of the per-pixel losses over the
 # selected source pixels, so the gradient is that of a scalar: the forward
-# pass forms it alongside the loss, from the similarity rows it already
-# holds, and keeps only it (the size of the inputs) for the backward pass,
-# which scales it by the incoming cotangent. Per chunk of source rows i:
-#   D_st(i, :), j*, S_st(i, j*); D_ts(j*, :), i*, S_ts(j*, i*); loss;
-#   dL/dD_st(i, :) = u (one_hot(j*) - S_st(i, :)) / scale, likewise for
-#   D_ts(j*, :), with u = dL/dp * p (p = S_st S_ts, torch's BCE gradient);
-#   then 4 products give the operands' gradients.
-# That is 6 (L x L x C) products in all, where rematerialised autodiff took
-# 2 forward + 2 recomputed + 4 backward. Sim-PLCA (loss -(D_st + D_ts) on
-# the raw similarities) has u = -1 and no softmax.
+# pass forms it alongside the loss and keeps only it (the size of the
+# inputs) for the backward pass, which scales it by the incoming cotangent.
+# Sim-PLCA (loss -(D_st + D_ts) on the raw similarities) has u = -1 below
+# and no softmax.
+#
+# `cos` (L_fass): D_ts = D_st^T, so the rows of D_ts are the columns of
+# D_st and every row of D_ts is met once, as a column, while sweeping the
+# rows of D_st; nothing is computed per (i, j*(i)) pair. The column mean and
+# unbiased std of D_st (the detached statistics of the D_ts rows) have
+# closed forms, mean_j = t^_j . mean_i(s^_i) and var_j = t^_j^T Cov(s^) t^_j
+# (Cov from the centred source, accumulated over row chunks: no
+# cancellation between a second moment and a squared mean), 2 L C^2
+# multiply-adds, a quarter of one (L x L x C) product each at 92x92,
+# C = 2048. Knowing them before the sweep, one sweep over the rows of D_st
+# gives the rows' statistics, j*, and, per column, the running max (i*, the
+# first index on ties) and the running log-sum-exp of the column scores.
+# The loss follows; a second sweep recomputes D_st rows and forms
+#   dL/dD(i, j) = u_i / sd_i (one_hot_j*(i) - S_st(i, j))
+#               + U_j / sd'_j (one_hot_i*(j) - S_ts(j, i)),
+# U_j = sum of u_i over the i with j*(i) = j, u = dL/dp * p (p = S_st S_ts,
+# torch's BCE gradient), and the operands' gradients with 2 products:
+# 4.5 (L x L x C) products in all, where the D_ts rows at j* took 6.
+#
+# `kl` (L_cass): D_ts(j, i) = -KL(q_j || p_i) is no transpose of D_st. Per
+# chunk of source rows i: D_st(i, :), j*, S_st(i, j*); D_ts(j*, :), i*,
+# S_ts(j*, i*); loss; dL/dD_st(i, :) = u (one_hot(j*) - S_st(i, :)) / sd,
+# likewise for D_ts(j*, :); then 4 products give the operands' gradients:
+# 6 (L x L x M) products, cheap at M = 16 classes.
+
+
+def _cos_column_stats(s, rs, t, rt, chunk_size):
+  """Detached column mean and scale (std + 1e-10) of D_st = s^ t^^T.
+
+  s (Ls, C) and t (Lt, C) with their inverse norms rs, rt: (Lt,) each.
+  """
+  ns, nt = s.shape[0], t.shape[0]
+  mu = jnp.mean(s * rs[:, None], axis=0)  # (C,)
+  chunk, num_chunks = _chunk_geometry(ns, chunk_size)
+
+  def gram(acc, k):
+    start, fresh = _row_block(k, chunk, ns)
+    a_r = _rows(s, start, chunk) * _rows(rs, start, chunk)[:, None] - mu
+    a_r = a_r * fresh[:, None]
+    return acc + a_r.T @ a_r, None
+
+  cov, _ = jax.lax.scan(gram, jnp.zeros((s.shape[1],) * 2, s.dtype),
+                        jnp.arange(num_chunks))
+  cov = cov / (ns - 1)
+  chunk_t, num_chunks_t = _chunk_geometry(nt, chunk_size)
+
+  def quad(acc, k):
+    start, fresh = _row_block(k, chunk_t, nt)
+    t_r = _rows(t, start, chunk_t)
+    return _put_rows(acc, start, jnp.sum((t_r @ cov) * t_r, -1), fresh), None
+
+  q, _ = jax.lax.scan(quad, jnp.zeros((nt,), s.dtype),
+                      jnp.arange(num_chunks_t))
+  var = jnp.maximum(q, 0.0) * rt * rt
+  return rt * (t @ mu), jnp.sqrt(var) + STD_EPS
+
+
+def _cos_cycle_rows(s, t, labels, ignore_label, chunk_size, sim_plca,
+                    with_grads):
+  """The `cos` cycle of one pair s (Ls, C), t (Lt, C), labels (Ls,)."""
+  sf, tf = at_least_f32(s), at_least_f32(t)
+  dtype = sf.dtype
+  rs = jax.lax.rsqrt(jnp.maximum(jnp.sum(sf * sf, -1), NORM_EPS**2))
+  rt = jax.lax.rsqrt(jnp.maximum(jnp.sum(tf * tf, -1), NORM_EPS**2))
+  valid = labels != ignore_label
+  ns, nt = sf.shape[0], tf.shape[0]
+  chunk, num_chunks = _chunk_geometry(ns, chunk_size)
+  if sim_plca:
+    col_mean, col_scale = jnp.zeros((nt,), dtype), jnp.ones((nt,), dtype)
+  else:
+    col_mean, col_scale = _cos_column_stats(sf, rs, tf, rt, chunk_size)
+
+  def d_rows(start):
+    a_r = _rows(sf, start, chunk) * _rows(rs, start, chunk)[:, None]
+    return a_r, (a_r @ tf.T) * rt[None, :]  # D_st rows, (R, Lt)
+
+  def sweep(carry, k):
+    rows, cmax, carg, csum = carry
+    start, fresh = _row_block(k, chunk, ns)
+    _, d = d_rows(start)
+    j = jnp.argmax(d, axis=1)  # first index on ties
+    if sim_plca:
+      row_out = (j, _pick(d, j), jnp.zeros_like(d[:, 0]),
+                 jnp.ones_like(d[:, 0]), jnp.zeros_like(d[:, 0]))
+    else:
+      mean, scale, lse = _row_stats(d, True)
+      row_out = (j, _pick((d - mean) / scale, j) - lse[:, 0], mean[:, 0],
+                 scale[:, 0], lse[:, 0])
+    rows = tuple(_put_rows(acc, start, v, fresh)
+                 for acc, v in zip(rows, row_out))
+    # Columns: rows an earlier chunk had are left out.
+    d = jnp.where(fresh[:, None], d, -jnp.inf)
+    chunk_max = jnp.max(d, axis=0)
+    better = chunk_max > cmax  # strict: an earlier row keeps a tie
+    carg = jnp.where(better, start + jnp.argmax(d, axis=0), carg).astype(
+        jnp.int32)
+    new_max = jnp.maximum(cmax, chunk_max)
+    if not sim_plca:  # running sum of exp(z - z_max) down each column
+      zmax = (new_max - col_mean) / col_scale
+      csum = (csum * jnp.exp((cmax - col_mean) / col_scale - zmax) +
+              jnp.sum(jnp.exp((d - col_mean) / col_scale - zmax), axis=0))
+    return (rows, new_max, carg, csum), None
+
+  zeros_s = jnp.zeros((ns,), dtype)
+  init = ((jnp.zeros((ns,), jnp.int32),) + (zeros_s,) * 4,
+          jnp.full((nt,), -jnp.inf, dtype), jnp.zeros((nt,), jnp.int32),
+          jnp.zeros((nt,), dtype))
+  (rows, cmax, i_of_j, csum), _ = jax.lax.scan(sweep, init,
+                                                jnp.arange(num_chunks))
+  j_star, pick_st, mean, scale, lse = rows
+  i_star = i_of_j[j_star]
+  selected = valid & (labels[i_star] == labels)
+  if sim_plca:
+    loss = -(pick_st + cmax[j_star])
+  else:
+    col_lse = (cmax - col_mean) / col_scale + jnp.log(csum)
+    p = jnp.exp(pick_st) / csum[j_star]  # S_st(i, j*) S_ts(j*, i*)
+    loss = bce_positive(p)
+  loss_sum = jnp.sum(jnp.where(selected, loss, 0.0))
+  result = (loss_sum, loss, j_star, i_star, valid, selected)
+  if not with_grads:
+    return result, None
+
+  w = selected.astype(dtype)
+  u = -w if sim_plca else w * _bce_grad(p) * p  # dL/dlog p, per source row
+  big_u = jnp.zeros((nt,), dtype).at[j_star].add(u)  # per column j
+
+  def grads(carry, k):
+    ds_hat, dt_hat = carry
+    start, fresh = _row_block(k, chunk, ns)
+    a_r, d = d_rows(start)
+    j_r, u_r, mean_r, scale_r, lse_r = (
+        _rows(y, start, chunk) for y in (j_star, u, mean, scale, lse))
+    rows_idx = start + jnp.arange(chunk)
+    hot_row = (jnp.arange(nt) == j_r[:, None]).astype(dtype)
+    hot_col = (rows_idx[:, None] == i_of_j[None, :]).astype(dtype)
+    if sim_plca:
+      g = u_r[:, None] * hot_row + big_u[None, :] * hot_col
+    else:
+      s_st = jnp.exp((d - mean_r[:, None]) / scale_r[:, None] - lse_r[:, None])
+      s_ts = jnp.exp((d - col_mean) / col_scale - col_lse)
+      g = ((u_r / scale_r)[:, None] * (hot_row - s_st) +
+           (big_u / col_scale)[None, :] * (hot_col - s_ts))
+    g = g * fresh[:, None].astype(dtype)  # rows an earlier chunk had
+    ds_hat = _add_at(ds_hat, start, (g * rt[None, :]) @ tf)
+    return (ds_hat, dt_hat + g.T @ a_r), None
+
+  (ds_hat, dt_hat), _ = jax.lax.scan(
+      grads, (jnp.zeros_like(sf), jnp.zeros_like(tf)), jnp.arange(num_chunks))
+  ds = _operands_grad(sf, "cos", None, None, ds_hat)
+  dt = _operands_grad(tf, "cos", None, None, dt_hat)
+  return result, (ds.astype(s.dtype), dt.astype(t.dtype))
 
 
 def _cycle_rows(s, t, labels, metric, ignore_label, chunk_size, sim_plca,
                 with_grads):
   """One pair s (Ls, C), t (Lt, C), labels (Ls,): outputs and gradients."""
+  if metric == "cos":
+    return _cos_cycle_rows(s, t, labels, ignore_label, chunk_size, sim_plca,
+                           with_grads)
   sf, tf = at_least_f32(s), at_least_f32(t)
-  u_s, ra_s, c_s, v_s, rb_s = _scaled_operands(sf, metric)
-  u_t, ra_t, c_t, v_t, rb_t = _scaled_operands(tf, metric)
-  shared = metric == "cos"  # A and B both scale x: one accumulator a side
+  u_s, _, c_s, v_s, _ = _scaled_operands(sf, metric)
+  u_t, _, c_t, v_t, _ = _scaled_operands(tf, metric)
   valid = labels != ignore_label
   dtype = sf.dtype
 
@@ -340,13 +537,12 @@ def _cycle_rows(s, t, labels, metric, ignore_label, chunk_size, sim_plca,
   def body(carry, k):
     outs, grads = carry
     start, fresh = _row_block(k, chunk, n)
-    u_r, ra_r, c_r, y_r, valid_r = (
-        _rows(y, start, chunk) for y in (u_s, ra_s, c_s, labels, valid))
-    a_r = u_r * ra_r[:, None]
-    d_st = _similarity_rows(a_r, c_r, v_t, rb_t)  # D_st(i, :), (R, Lt)
+    a_r, c_r, y_r, valid_r = (
+        _rows(y, start, chunk) for y in (u_s, c_s, labels, valid))
+    d_st = a_r @ v_t.T + c_r[:, None]  # D_st(i, :), (R, Lt)
     j = jnp.argmax(d_st, axis=1)  # first index on ties
-    a_j = u_t[j] * ra_t[j][:, None]
-    d_ts = _similarity_rows(a_j, c_t[j], v_s, rb_s)  # D_ts(j*, :), (R, Ls)
+    a_j = u_t[j]
+    d_ts = a_j @ v_s.T + c_t[j][:, None]  # D_ts(j*, :), (R, Ls)
     i_back = jnp.argmax(d_ts, axis=1)
     selected = valid_r & (labels[i_back] == y_r)
     if sim_plca:
@@ -370,29 +566,18 @@ def _cycle_rows(s, t, labels, metric, ignore_label, chunk_size, sim_plca,
       g_st = u * _one_hot_minus(j, probs_st) / scale_st
       g_ts = u * _one_hot_minus(i_back, probs_ts) / scale_ts
     da_s, db_s, dc_s, da_t, db_t, dc_t = grads
-    da_r = (g_st * rb_t[None, :]) @ v_t  # dL/dA_s rows
-    if shared:
-      db_s = _add_at(db_s, start, da_r)
-    else:
-      da_s = _add_at(da_s, start, da_r)
-    db_s = db_s + g_ts.T @ a_j
-    dc_s = _add_at(dc_s, start, jnp.sum(g_st, -1))
-    db_t = db_t + g_st.T @ a_r
-    da_j = (g_ts * rb_s[None, :]) @ v_s
-    if shared:
-      db_t = db_t.at[j].add(da_j)
-    else:
-      da_t = da_t.at[j].add(da_j)
-    dc_t = dc_t.at[j].add(jnp.sum(g_ts, -1))
-    return (outs, (da_s, db_s, dc_s, da_t, db_t, dc_t)), None
+    return (outs, (_add_at(da_s, start, g_st @ v_t), db_s + g_ts.T @ a_j,
+                   _add_at(dc_s, start, jnp.sum(g_st, -1)),
+                   da_t.at[j].add(g_ts @ v_s), db_t + g_st.T @ a_r,
+                   dc_t.at[j].add(jnp.sum(g_ts, -1)))), None
 
   outs = (jnp.zeros((n,), dtype), jnp.zeros((n,), jnp.int32),
           jnp.zeros((n,), jnp.int32), jnp.zeros((n,), bool))
   grads = None
   if with_grads:
     zeros_s, zeros_t = jnp.zeros_like(sf), jnp.zeros_like(tf)
-    grads = (None if shared else zeros_s, zeros_s, jnp.zeros((n,), dtype),
-             None if shared else zeros_t, zeros_t, jnp.zeros_like(c_t))
+    grads = (zeros_s, zeros_s, jnp.zeros((n,), dtype), zeros_t, zeros_t,
+             jnp.zeros_like(c_t))
   (outs, grads), _ = jax.lax.scan(body, (outs, grads),
                                   jnp.arange(num_chunks))
   loss, j_star, i_star, selected = outs
