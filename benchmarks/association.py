@@ -7,6 +7,15 @@ Each setting runs in its own process, so peak resident memory is its own.
 
     python benchmarks/association.py                      # 92x92, C=2048
     python benchmarks/association.py --chunk_sizes=none,256,512,1024
+    python benchmarks/association.py --chunk_sizes=256,torch
+
+`torch` in --chunk_sizes times the same two losses in PyTorch, computed the
+release's way (benchmarks/torch_plca.py: dense (L x L) matrices, autograd),
+on the same inputs: the same-machine reference for the figures above.
+Every setting also prints the machine's plain matrix-product rate (one
+(256, C) x (C, L) float32 product, measured just before), since this
+shared machine's speed drifts by tens of percent between days and the
+association is made of such products.
 
 Prints, per setting: compile time, mean wall time per step after warm-up,
 XLA temporary buffers of the compiled step, the peak resident memory while
@@ -18,11 +27,15 @@ process's overall peak RSS (compilation included).
 import argparse
 import ctypes
 import json
+import os
 import resource
 import subprocess
 import sys
 import threading
 import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 
 def _rss_mb():
@@ -64,12 +77,24 @@ class RssSampler:
     self._thread.join()
 
 
-def run_one(size, channels, classes, chunk_size, repeats):
-  """Runs one setting in this process; returns a dict of figures."""
+def product_gflops(channels, pixels, repeats=10):
+  """GFLOP/s of a plain (256, C) x (C, L) float32 product under jit."""
+  import jax  # pylint: disable=g-import-not-at-top
+  a = jax.random.normal(jax.random.key(1), (256, channels))
+  b = jax.random.normal(jax.random.key(2), (pixels, channels))
+  dot = jax.jit(lambda x, y: x @ y.T)
+  jax.block_until_ready(dot(a, b))
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    jax.block_until_ready(dot(a, b))
+  return 2 * 256 * channels * pixels * repeats / (
+      time.perf_counter() - t0) / 1e9
+
+
+def make_inputs(size, channels, classes):
+  """Features (ReLU), logits and blocky labels of one pair, as jax arrays."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from plca_jax import losses  # pylint: disable=g-import-not-at-top
-
   keys = jax.random.split(jax.random.key(0), 5)
   shape = (1, size, size)
   feats_s = jax.nn.relu(jax.random.normal(keys[0], shape + (channels,)))
@@ -80,6 +105,55 @@ def run_one(size, channels, classes, chunk_size, repeats):
   labels = jax.image.resize(
       jax.random.randint(keys[4], (1, 6, 6), 0, classes).astype(jnp.float32),
       shape, "nearest").astype(jnp.int32)
+  return feats_s, feats_t, logits_s, logits_t, labels
+
+
+def run_torch(size, channels, classes, repeats):
+  """The same losses in PyTorch, release-style; returns a dict of figures."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_plca  # pylint: disable=g-import-not-at-top
+  gflops = product_gflops(channels, size * size)
+  arrays = [torch.from_numpy(np.array(x)) for x in
+            make_inputs(size, channels, classes)]
+  feats_s, feats_t, logits_s, logits_t = (
+      x.reshape(1, size * size, -1).requires_grad_() for x in arrays[:4])
+  labels = arrays[4].reshape(1, -1).long()
+
+  def step():
+    for x in (feats_s, feats_t, logits_s, logits_t):
+      x.grad = None
+    loss = (torch_plca.association(feats_s, feats_t, labels, "cos") +
+            torch_plca.association(torch.softmax(logits_s, 2),
+                                   torch.softmax(logits_t, 2), labels, "kl"))
+    loss.backward()
+    return float(loss.detach())
+
+  ctypes.CDLL("libc.so.6").malloc_trim(0)
+  rss_before = _rss_mb()
+  times = []
+  with RssSampler() as sampler:
+    step()  # warm-up, not timed
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      value = step()
+      times.append(time.perf_counter() - t0)
+  return {
+      "chunk_size": "torch", "loss": value, "compile_s": 0.0,
+      "step_s": sum(times) / len(times), "xla_temp_mb": float("nan"),
+      "step_rss_growth_mb": sampler.peak - rss_before,
+      "process_peak_rss_mb": _peak_rss_mb(), "product_gflops": gflops,
+  }
+
+
+def run_one(size, channels, classes, chunk_size, repeats):
+  """Runs one setting in this process; returns a dict of figures."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from plca_jax import losses  # pylint: disable=g-import-not-at-top
+
+  gflops = product_gflops(channels, size * size)
+  feats_s, feats_t, logits_s, logits_t, labels = make_inputs(
+      size, channels, classes)
 
   def loss_fn(fs, ft, ls, lt):
     fass = losses.association_loss(fs, ft, labels, "cos",
@@ -114,7 +188,7 @@ def run_one(size, channels, classes, chunk_size, repeats):
       "compile_s": compile_s, "step_s": sum(times) / len(times),
       "xla_temp_mb": temp_mb,
       "step_rss_growth_mb": sampler.peak - rss_before,
-      "process_peak_rss_mb": _peak_rss_mb(),
+      "process_peak_rss_mb": _peak_rss_mb(), "product_gflops": gflops,
   }
 
 
@@ -130,6 +204,10 @@ def main():
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
 
+  if args.worker == "torch":
+    print(json.dumps(run_torch(args.size, args.channels, args.classes,
+                               args.repeats)))
+    return
   if args.worker is not None:
     chunk = None if args.worker == "none" else int(args.worker)
     print(json.dumps(run_one(args.size, args.channels, args.classes, chunk,
@@ -151,12 +229,12 @@ def main():
         f" = {pixels} pixels, C={args.channels}, M={args.classes}")
   print(f"{'chunk_size':>10} {'compile s':>10} {'step s':>8} "
         f"{'XLA temp MB':>12} {'step RSS +MB':>13} {'process peak MB':>16} "
-        f"{'loss':>10}")
+        f"{'loss':>10} {'product GFLOP/s':>16}")
   for r in results:
     print(f"{str(r['chunk_size']):>10} {r['compile_s']:10.1f} "
           f"{r['step_s']:8.2f} {r['xla_temp_mb']:12.0f} "
           f"{r['step_rss_growth_mb']:13.0f} {r['process_peak_rss_mb']:16.0f} "
-          f"{r['loss']:10.5f}")
+          f"{r['loss']:10.5f} {r['product_gflops']:16.0f}")
   base = results[0]
   for r in results[1:]:
     print(f"chunk_size={r['chunk_size']} vs {base['chunk_size']}: time x"

@@ -10,10 +10,17 @@ per-term breakdown, each a separate compile:
   all      + L_fass + L_cass (the full PLCA objective)
 `--cpu_fixes=off` drops the XLA:CPU settings of plca_jax.xla (Eigen
 convolutions, materialised block outputs) to show what they change.
+`--torch` times the same update in PyTorch in the same process, the two
+alternating update by update (benchmarks/torch_network.py; for `all` the
+PLCA terms computed the release's way, benchmarks/torch_plca.py; for `ce`
+the cross-entropy alone), so that both see the same machine load: this
+shared machine's speed drifts by tens of percent within an hour, which
+makes figures from separate runs hard to compare.
 
     python benchmarks/step.py                        # R101, 321x321, all
     python benchmarks/step.py --terms=ce,lovasz,lsr,all --remat=block
     python benchmarks/step.py --depth=18 --crop=730 --dtype=bfloat16
+    python benchmarks/step.py --terms=ce,all --torch --steps=5
 """
 
 import argparse
@@ -33,6 +40,12 @@ from configs import synthia
 from plca_jax import methods
 from plca_jax import sharding
 from plca_jax import train
+from plca_jax import xla
+
+PAUSE_S = 1.0
+
+# The PyTorch update of benchmarks/torch_network.py that matches a term set.
+TORCH_TERMS = {"ce": {}, "all": {"plca": True}}
 
 TERMS = {
     "ce": dict(use_lovasz=False, use_lsr=False, use_fass=False,
@@ -71,7 +84,10 @@ def random_batch(config, seed=0):
   return {"source": domain(), "target": domain()}
 
 
-def time_update(config, steps, cpu_fixes):
+def time_update(config, steps, cpu_fixes, other=None):
+  """Compile seconds, seconds per update, final loss; with `other` (a
+  callable running one update of something else) also its seconds, timed
+  alternately with this update's."""
   mesh = sharding.create_mesh(jax.devices()[:1])
   method = methods.get_method(config)
   options = None
@@ -88,13 +104,23 @@ def time_update(config, steps, cpu_fixes):
   compile_s = time.perf_counter() - t0
   state, scalars = compiled(state, batch, key)  # warm-up
   jax.block_until_ready(scalars)
-  times = []
+  if other is not None:
+    other()  # warm-up
+  times, other_times = [], []
   for _ in range(steps):
+    # A pause before each timed update: thread pools that spin after their
+    # work (torch's OpenMP, Eigen) must not steal cores from the other.
+    time.sleep(PAUSE_S if other is not None else 0.0)
     t0 = time.perf_counter()
     state, scalars = compiled(state, batch, key)
     jax.block_until_ready(scalars)
     times.append(time.perf_counter() - t0)
-  return compile_s, times, float(scalars["loss"])
+    if other is not None:
+      time.sleep(PAUSE_S)
+      t0 = time.perf_counter()
+      other()
+      other_times.append(time.perf_counter() - t0)
+  return compile_s, times, float(scalars["loss"]), other_times
 
 
 def main():
@@ -109,19 +135,45 @@ def main():
                       help=f"comma-separated of {sorted(TERMS)}")
   parser.add_argument("--steps", type=int, default=4)
   parser.add_argument("--cpu_fixes", default="on", choices=("on", "off"))
+  parser.add_argument("--host_memory", default="keep",
+                      choices=("keep", "default"),
+                      help="keep: glibc keeps freed memory for reuse, as "
+                      "plca_jax.main sets it (plca_jax.xla."
+                      "keep_freed_host_memory); default: glibc's own")
+  parser.add_argument("--torch", action="store_true",
+                      help="alternate with the same update in PyTorch "
+                      "(terms ce and all)")
   args = parser.parse_args()
+  if args.host_memory == "keep":  # before the first use of a device
+    xla.keep_freed_host_memory()
   print(f"R{args.depth}, {args.crop}x{args.crop}, {args.batch} image(s) per "
         f"domain, {args.dtype}, remat {args.remat}, XLA:CPU settings "
-        f"{args.cpu_fixes}, backend {jax.default_backend()} "
+        f"{args.cpu_fixes}, host memory {args.host_memory}, backend {jax.default_backend()} "
         f"({jax.devices()[0].device_kind}), {os.cpu_count()} CPU cores")
-  print(f"{'terms':>7} {'compile s':>10} {'median s':>9} {'min s':>7} "
-        f"{'loss':>9}")
+  header = (f"{'terms':>7} {'compile s':>10} {'median s':>9} {'min s':>7} "
+            f"{'loss':>9}")
+  if args.torch:
+    header += f" {'torch median s':>15} {'torch min s':>12} {'ratio':>6}"
+  print(header)
   for terms in args.terms.split(","):
     config = make_config(args, terms)
-    compile_s, times, loss = time_update(config, args.steps,
-                                         args.cpu_fixes == "on")
-    print(f"{terms:>7} {compile_s:10.1f} {statistics.median(times):9.2f} "
-          f"{min(times):7.2f} {loss:9.4f}", flush=True)
+    other = None
+    if args.torch and terms in TORCH_TERMS:
+      # Imported only here: see the note at --torch.
+      from benchmarks import torch_network
+      other = torch_network.make_update(
+          args.depth, args.crop, args.batch, config.model.num_classes,
+          **TORCH_TERMS[terms])
+    compile_s, times, loss, other_times = time_update(
+        config, args.steps, args.cpu_fixes == "on", other)
+    line = (f"{terms:>7} {compile_s:10.1f} {statistics.median(times):9.2f} "
+            f"{min(times):7.2f} {loss:9.4f}")
+    if other_times:
+      # Median of the per-round ratios: each pair ran back to back.
+      ratio = statistics.median(a / b for a, b in zip(times, other_times))
+      line += (f" {statistics.median(other_times):15.2f} "
+               f"{min(other_times):12.2f} {ratio:6.2f}")
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

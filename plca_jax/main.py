@@ -19,6 +19,7 @@ from plca_jax import console
 from plca_jax import evaluate
 from plca_jax import methods
 from plca_jax import train
+from plca_jax import xla
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (get_config).",
@@ -53,8 +54,10 @@ def maybe_initialize_distributed():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  maybe_initialize_distributed()
   config = FLAGS.config
+  if config.train.keep_freed_host_memory:  # before XLA starts its threads
+    xla.keep_freed_host_memory()
+  maybe_initialize_distributed()
   workdir = FLAGS.workdir
   log_file = console.setup(workdir, FLAGS.verbosity)
   logging.info("Full log: %s", log_file)

@@ -139,6 +139,44 @@ class AssociationTest(parameterized.TestCase):
     np.testing.assert_allclose(gs, reference.numeric_grad(ref, s),
                                rtol=1e-4, atol=1e-8)
 
+  @parameterized.product(metric=["cos", "kl"], chunk_size=[None, 4])
+  def test_back_association_ties_take_the_first_source_pixel(
+      self, metric, chunk_size):
+    # Source pixels 1 and 6 are identical (in different chunks of 4), so
+    # every D_ts row ties between them: i* must be 1, the first, as in the
+    # release's torch.max.
+    rng = np.random.default_rng(9)
+    s = rng.normal(size=(1, 2, 4, 5))
+    s[0, 1, 2] = s[0, 0, 1]
+    t = rng.normal(size=(1, 3, 3, 5))
+    if metric == "kl":
+      s, t = reference.softmax(3 * s), reference.softmax(3 * t)
+    y = np.zeros((1, 2, 4), np.int32)
+    with jax.enable_x64(True):
+      out = losses.cycle_association(jnp.asarray(s), jnp.asarray(t), y,
+                                     metric, aggregate_target=False,
+                                     chunk_size=chunk_size)
+    _, details = reference.cycle(s, t, y, metric, aggregate_target=False)
+    np.testing.assert_array_equal(out["i_star"][0], details["i_star"][0])
+    self.assertNotIn(6, np.asarray(out["i_star"][0]).tolist())
+
+  def test_cos_column_statistics_float32_match_float64(self):
+    # The closed-form column mean / std of D_st (the D_ts rows' detached
+    # statistics), from float32 non-negative features like ReLU outputs,
+    # whose cosines are all positive: the case where a second moment minus
+    # a squared mean would cancel.
+    rng = np.random.default_rng(10)
+    s = np.maximum(rng.normal(size=(700, 64)), 0.0) + 0.05
+    t = np.maximum(rng.normal(size=(300, 64)), 0.0) + 0.05
+    d = reference.similarity(s, t, "cos")  # float64, (Ls, Lt)
+    s32, t32 = jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)
+    rs = jax.lax.rsqrt(jnp.sum(s32 * s32, -1))
+    rt = jax.lax.rsqrt(jnp.sum(t32 * t32, -1))
+    mean, scale = association._cos_column_stats(s32, rs, t32, rt, 256)
+    np.testing.assert_allclose(mean, d.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(scale, d.std(axis=0, ddof=1) + 1e-10,
+                               rtol=1e-4)
+
   @parameterized.parameters("cos", "kl")
   def test_single_class_selects_every_valid_pixel(self, metric):
     s, t, _ = _random_inputs(5, metric)

@@ -1,0 +1,49 @@
+"""Tests of plca_jax.xla's host-allocator setting."""
+
+import subprocess
+import sys
+import textwrap
+
+from absl.testing import absltest
+
+# mallocs, writes and frees 256 MB twice (as XLA:CPU does with an update's
+# temporary buffer); prints the minor page faults of the second round.
+_PROBE = textwrap.dedent("""
+    import ctypes, resource, sys
+    from plca_jax import xla
+    if sys.argv[1] == "keep":
+      assert xla.keep_freed_host_memory()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = (ctypes.c_void_p,)
+    size = 256 * 2**20
+    def round_trip():
+      ptr = libc.malloc(size)
+      ctypes.memset(ptr, 1, size)
+      libc.free(ptr)
+    def faults():
+      return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    round_trip()
+    before = faults()
+    round_trip()
+    print(faults() - before)
+""")
+
+
+def _second_allocation_faults(mode):
+  out = subprocess.run([sys.executable, "-c", _PROBE, mode], check=True,
+                       capture_output=True, text=True)
+  return int(out.stdout.strip().splitlines()[-1])
+
+
+class HostMemoryTest(absltest.TestCase):
+
+  @absltest.skipUnless(sys.platform.startswith("linux"), "glibc only")
+  def test_freed_memory_is_reused_without_page_faults(self):
+    # 256 MB is 65536 pages: glibc's default maps it afresh each time.
+    self.assertGreater(_second_allocation_faults("default"), 30000)
+    self.assertLess(_second_allocation_faults("keep"), 1000)
+
+
+if __name__ == "__main__":
+  absltest.main()
