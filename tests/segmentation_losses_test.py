@@ -1,5 +1,7 @@
 """Tests of CE, Lovasz-softmax, LSR, resampling and the total objective."""
 
+import functools
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
@@ -12,6 +14,7 @@ import pytest
 from configs import default as default_config
 from configs import synthia as synthia_config
 from plca_jax import losses
+from plca_jax.losses import segmentation
 from tests import reference
 
 
@@ -106,6 +109,31 @@ class LovaszTest(parameterized.TestCase):
     np.testing.assert_allclose(value, ref(probs), rtol=1e-12)
     np.testing.assert_allclose(g, reference.numeric_grad(ref, probs),
                                rtol=1e-6, atol=1e-9)
+
+  def test_host_sort_equals_xla_sort(self):
+    # The NumPy order (single CPU device) and XLA's sort give the same loss
+    # and gradient, ties and ignored pixels included; under jit, as in the
+    # train step.
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(2, 6, 7, 4))
+    logits[0, :2] = logits[0, 2:4]  # rows of tied errors
+    probs = jnp.asarray(reference.softmax(logits), jnp.float32)
+    labels = rng.integers(0, 4, size=(2, 6, 7))
+    labels[rng.random(labels.shape) < 0.2] = 255
+    outs = [jax.jit(jax.value_and_grad(functools.partial(
+        losses.lovasz_softmax, host_sort=host)))(probs, labels)
+            for host in (True, False)]
+    self.assertGreater(float(outs[0][0]), 0.0)
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    # The stable order: ties (also of 0.0 and -0.0) keep their row order,
+    # negative keys (the ignored pixels' -1) go last.
+    key = rng.random((50, 3)).astype(np.float32)
+    key[::7] = key[3]
+    key[5:9] = np.array([0.0, -0.0, 0.0, -0.0])[:, None]
+    key[20:25] = -1.0
+    order = segmentation.descending_order(jnp.asarray(key), host_sort=True)
+    np.testing.assert_array_equal(order, np.argsort(-key, 0, kind="stable"))
 
   def test_whole_batch_not_per_image(self):
     rng = np.random.default_rng(1)

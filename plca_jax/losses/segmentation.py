@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from plca_jax import xla
 from plca_jax.losses import association
 
 
@@ -89,7 +90,48 @@ def _lovasz_grad(gt_sorted):
   return jnp.concatenate([jaccard[:1], jaccard[1:] - jaccard[:-1]], axis=0)
 
 
-def lovasz_softmax(probs, labels, ignore_label=255):
+def _numpy_descending_order(key):
+  """Per column of key (P, M), the rows in descending order (int32).
+
+  The stable order, as XLA's argsort gives it: each float32 is mapped to a
+  uint32 of the same order, with its row index in the low 32 bits of a
+  uint64, so all keys are distinct and NumPy's (vectorised, unstable) sort
+  of them is the stable order of the floats (0.10 s for (103041, 16),
+  where a stable float sort takes 0.21 s).
+  """
+  neg = np.ascontiguousarray(-np.asarray(key, np.float32).T) + np.float32(0)
+  bits = neg.view(np.uint32).astype(np.uint64)  # +0.0 above: no -0.0
+  negative = (bits >> np.uint64(31)) == 1
+  bits = np.where(negative, bits ^ np.uint64(0xFFFFFFFF),
+                  bits | np.uint64(0x80000000))
+  rows = np.arange(neg.shape[1], dtype=np.uint64)
+  packed = (bits << np.uint64(32)) | rows[None, :]
+  packed.sort(axis=1)
+  return np.ascontiguousarray(
+      (packed & np.uint64(0xFFFFFFFF)).astype(np.int32).T)
+
+
+def descending_order(key, host_sort=None):
+  """Per column of key (P, M), the row indices in descending order.
+
+  XLA:CPU's sort is a comparator-driven sort on one thread: 0.55 s for the
+  Lovasz loss's (103041, 16) errors of one 321x321 image, 7% of the R101
+  update, against 0.10 s for NumPy's vectorised sort of packed keys. On a
+  single CPU device (`host_sort=None`: decided from the backend) the order
+  therefore comes from NumPy through `jax.pure_callback`; on accelerators
+  and on several devices (the errors are sharded there) it is XLA's sort.
+  Both give the same, stable order.
+  """
+  if host_sort is None:
+    host_sort = xla.on_cpu() and jax.device_count() == 1
+  if not host_sort:
+    return jnp.argsort(-key, axis=0)
+  return jax.pure_callback(
+      _numpy_descending_order, jax.ShapeDtypeStruct(key.shape, jnp.int32),
+      jax.lax.stop_gradient(key), vmap_method="sequential")
+
+
+def lovasz_softmax(probs, labels, ignore_label=255, host_sort=None):
   """Lovasz-softmax over the whole batch, averaged over classes present.
 
   A class counts when it occurs among the non-ignored labels; the loss is 0
@@ -98,6 +140,7 @@ def lovasz_softmax(probs, labels, ignore_label=255):
   Args:
     probs: (N, H, W, M) class probabilities.
     labels: (N, H, W) int.
+    host_sort: see `descending_order` (None: decided from the backend).
 
   Returns:
     scalar float32.
@@ -113,7 +156,7 @@ def lovasz_softmax(probs, labels, ignore_label=255):
   # Sort errors descending per class; ignored pixels go last (key -1) and
   # then count 0, so they change neither the order nor the Jaccard prefix.
   key = jnp.where(valid, jax.lax.stop_gradient(errors), -1.0)
-  order = jnp.argsort(-key, axis=0)
+  order = descending_order(key, host_sort)
   errors_sorted = jnp.take_along_axis(jnp.where(valid, errors, 0.0), order, 0)
   fg_sorted = jnp.take_along_axis(fg, order, 0)
   per_class = jnp.sum(errors_sorted * _lovasz_grad(fg_sorted), axis=0)
