@@ -77,6 +77,24 @@ class RssSampler:
     self._thread.join()
 
 
+def time_steps(step, repeats):
+  """Runs step() once untimed, then `repeats` times timed.
+
+  Returns (mean seconds, the last value, peak resident memory growth in MB
+  above the resident set before the first run, the freed heap trimmed).
+  """
+  ctypes.CDLL("libc.so.6").malloc_trim(0)
+  rss_before = _rss_mb()
+  times = []
+  with RssSampler() as sampler:
+    step()  # warm-up, not timed
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      value = step()
+      times.append(time.perf_counter() - t0)
+  return sum(times) / len(times), value, sampler.peak - rss_before
+
+
 def product_gflops(channels, pixels, repeats=10):
   """GFLOP/s of a plain (256, C) x (C, L) float32 product under jit."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -129,19 +147,11 @@ def run_torch(size, channels, classes, repeats):
     loss.backward()
     return float(loss.detach())
 
-  ctypes.CDLL("libc.so.6").malloc_trim(0)
-  rss_before = _rss_mb()
-  times = []
-  with RssSampler() as sampler:
-    step()  # warm-up, not timed
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      value = step()
-      times.append(time.perf_counter() - t0)
+  step_s, value, growth = time_steps(step, repeats)
   return {
       "chunk_size": "torch", "loss": value, "compile_s": 0.0,
-      "step_s": sum(times) / len(times), "xla_temp_mb": float("nan"),
-      "step_rss_growth_mb": sampler.peak - rss_before,
+      "step_s": step_s, "xla_temp_mb": float("nan"),
+      "step_rss_growth_mb": growth,
       "process_peak_rss_mb": _peak_rss_mb(), "product_gflops": gflops,
   }
 
@@ -172,22 +182,15 @@ def run_one(size, channels, classes, chunk_size, repeats):
   mem = compiled.memory_analysis()
   temp_mb = mem.temp_size_in_bytes / 2**20 if mem is not None else float("nan")
 
-  # Hand the compiler's freed heap back to the OS so that the baseline is
-  # the resident set the step itself starts from.
-  ctypes.CDLL("libc.so.6").malloc_trim(0)
-  rss_before = _rss_mb()
-  times = []
-  with RssSampler() as sampler:
-    jax.block_until_ready(compiled(*args))  # warm-up, not timed
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      value, _ = jax.block_until_ready(compiled(*args))
-      times.append(time.perf_counter() - t0)
+  # The compiler's freed heap is handed back to the OS first, so that the
+  # baseline is the resident set the step itself starts from.
+  step_s, value, growth = time_steps(
+      lambda: float(jax.block_until_ready(compiled(*args))[0]), repeats)
   return {
-      "chunk_size": chunk_size, "loss": float(value),
-      "compile_s": compile_s, "step_s": sum(times) / len(times),
+      "chunk_size": chunk_size, "loss": value,
+      "compile_s": compile_s, "step_s": step_s,
       "xla_temp_mb": temp_mb,
-      "step_rss_growth_mb": sampler.peak - rss_before,
+      "step_rss_growth_mb": growth,
       "process_peak_rss_mb": _peak_rss_mb(), "product_gflops": gflops,
   }
 

@@ -148,7 +148,8 @@ def main():
     xla.keep_freed_host_memory()
   print(f"R{args.depth}, {args.crop}x{args.crop}, {args.batch} image(s) per "
         f"domain, {args.dtype}, remat {args.remat}, XLA:CPU settings "
-        f"{args.cpu_fixes}, host memory {args.host_memory}, backend {jax.default_backend()} "
+        f"{args.cpu_fixes}, host memory {args.host_memory}, backend "
+        f"{jax.default_backend()} "
         f"({jax.devices()[0].device_kind}), {os.cpu_count()} CPU cores")
   header = (f"{'terms':>7} {'compile s':>10} {'median s':>9} {'min s':>7} "
             f"{'loss':>9}")

@@ -145,10 +145,16 @@ def _one_hot_minus(idx, probs):
 # u = p, v = log(q + 1e-10), ra = rb = 1.
 
 
+def _sq_norm_and_inverse(x):
+  """|x_i|^2 and 1 / max(|x_i|, 1e-12) of the rows of x (L, C): (L,) each."""
+  sq = jnp.sum(x * x, axis=-1)
+  return sq, jax.lax.rsqrt(jnp.maximum(sq, NORM_EPS**2))
+
+
 def _scaled_operands(x, metric):
   """(u, ra, c, v, rb) of x (L, C); see above."""
   if metric == "cos":
-    r = jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1), NORM_EPS**2))
+    _, r = _sq_norm_and_inverse(x)
     return x, r, jnp.zeros_like(r), x, r
   ones = jnp.ones(x.shape[:1], x.dtype)
   return (x, ones, -jnp.sum(x * jnp.log(x + KL_EPS), axis=-1),
@@ -163,8 +169,7 @@ def _operands_grad(x, metric, da, dc, db):
   cotangent or residual of the size of x is made for the unused parts.
   """
   if metric == "cos":
-    sq = jnp.sum(x * x, axis=-1)
-    r = jax.lax.rsqrt(jnp.maximum(sq, NORM_EPS**2))
+    sq, r = _sq_norm_and_inverse(x)
     # d/dx (x r) = r I - r^3 x x^T where |x| > 1e-12; r is constant below.
     dr = jnp.where(sq > NORM_EPS**2, r**3 * jnp.sum(x * db, -1), 0.0)
     return r[:, None] * db - dr[:, None] * x
@@ -246,8 +251,7 @@ def _aggregate_bwd_cos(alpha, chunk_size, x, stats, g):
   """Gradient w.r.t. x (L, C) of the `cos` aggregation, cotangent g."""
   mean, scale, lse = stats
   xf = at_least_f32(x)
-  sq = jnp.sum(xf * xf, axis=-1)
-  r = jax.lax.rsqrt(jnp.maximum(sq, NORM_EPS**2))
+  sq, r = _sq_norm_and_inverse(xf)
   n = xf.shape[0]
   chunk, num_chunks = _chunk_geometry(n, chunk_size)
 
@@ -421,8 +425,8 @@ def _cos_cycle_rows(s, t, labels, ignore_label, chunk_size, sim_plca,
   """The `cos` cycle of one pair s (Ls, C), t (Lt, C), labels (Ls,)."""
   sf, tf = at_least_f32(s), at_least_f32(t)
   dtype = sf.dtype
-  rs = jax.lax.rsqrt(jnp.maximum(jnp.sum(sf * sf, -1), NORM_EPS**2))
-  rt = jax.lax.rsqrt(jnp.maximum(jnp.sum(tf * tf, -1), NORM_EPS**2))
+  _, rs = _sq_norm_and_inverse(sf)
+  _, rt = _sq_norm_and_inverse(tf)
   valid = labels != ignore_label
   ns, nt = sf.shape[0], tf.shape[0]
   chunk, num_chunks = _chunk_geometry(ns, chunk_size)
