@@ -210,6 +210,14 @@ def get_config():
   # afresh (2.1 s of system time per R101 update at 321x321). Host RSS stays
   # at its peak.
   config.train.keep_freed_host_memory = True
+  # CPU backend only: the run's global number of CPU devices, split evenly
+  # over its processes (plca_jax.main sets it before the first device use;
+  # 0 = XLA's default, one per process). The device count fixes the SPMD
+  # program and with it the order of every float reduction across the
+  # batch, so with the same value one process and N processes log the same
+  # losses bit for bit (README "Reproducibility"); different device counts
+  # agree only up to reduction order.
+  config.train.cpu_devices = 0
 
   config.optim = ml_collections.ConfigDict()
   config.optim.base_lr = 2.5e-4

@@ -57,6 +57,9 @@ def main(argv):
   config = FLAGS.config
   if config.train.keep_freed_host_memory:  # before XLA starts its threads
     xla.keep_freed_host_memory()
+  # Before the first device use: this process's share of the run's CPU
+  # devices (the count that makes losses independent of the process count).
+  xla.set_cpu_devices(config.train.cpu_devices, FLAGS.num_processes or 1)
   maybe_initialize_distributed()
   workdir = FLAGS.workdir
   log_file = console.setup(workdir, FLAGS.verbosity)
@@ -65,6 +68,13 @@ def main(argv):
                jax.process_count(), jax.local_devices(),
                extra=console.FILE_ONLY)
   logging.info("Config:\n%s", config, extra=console.FILE_ONLY)
+  if (xla.on_cpu() and jax.process_count() > 1 and
+      not config.train.cpu_devices and jax.process_index() == 0):
+    logging.info("CPU run on %d processes with one device each: its losses "
+                 "match a one-process run only up to float reduction order; "
+                 "--config.train.cpu_devices=%d on both makes them equal "
+                 "(README \"Reproducibility\").", jax.process_count(),
+                 jax.device_count())
   if jax.process_index() == 0:
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)

@@ -332,6 +332,7 @@ def warn_protocol(config, method):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        *, evaluate_during_training=True):
   """Trains (resuming from WORKDIR/checkpoints) and evaluates; returns state."""
+  xla.check_cpu_devices(config.train.cpu_devices)
   process_index, process_count = jax.process_index(), jax.process_count()
   mesh = sharding.create_mesh()
   sharding.check_batch_divides(config.train.batch_size, mesh)

@@ -1,4 +1,5 @@
-"""Backend-specific XLA settings, and the host allocator, in one place.
+"""Backend-specific XLA settings, the host allocator and the CPU device
+count, in one place.
 
 XLA:CPU needs two changes to run the ResNet backward near PyTorch's speed
 (measured: ../shared/STACK.md, README "Performance"); neither applies to
@@ -66,3 +67,44 @@ def keep_freed_host_memory():
   # -1 as the trim threshold is SIZE_MAX to glibc: never trim.
   return all(mallopt(param, value) == 1 for param, value in (
       (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+
+
+def set_cpu_devices(total, num_processes=1):
+  """Gives each of the run's processes `total / num_processes` CPU devices.
+
+  `config.train.cpu_devices`: on the CPU backend the number of devices is
+  a choice (slices of the host's cores), and it decides the SPMD program:
+  how the batch is split and in which order gradients and BatchNorm moments
+  are summed across it. Fixing the global count makes a run's arithmetic
+  independent of how many processes drive it (README "Reproducibility").
+  Overrides `--xla_force_host_platform_device_count`; other backends ignore
+  it. Must run before the first device use.
+
+  Args:
+    total: global CPU device count; 0 leaves XLA's default (one per process).
+    num_processes: processes in the run.
+
+  Raises:
+    ValueError: `total` is not a multiple of `num_processes`.
+  """
+  if not total:
+    return
+  if total < 0 or total % num_processes:
+    raise ValueError(
+        f"config.train.cpu_devices={total} must be a positive multiple of "
+        f"the number of processes ({num_processes}): each process gets "
+        f"cpu_devices / processes CPU devices")
+  jax.config.update("jax_num_cpu_devices", total // num_processes)
+
+
+def check_cpu_devices(total):
+  """Raises unless a CPU run has `total` devices (0: any count is fine)."""
+  if not total or not on_cpu() or jax.device_count() == total:
+    return
+  raise ValueError(
+      f"config.train.cpu_devices={total}, but this run has "
+      f"{jax.device_count()} CPU device(s) ({jax.process_count()} "
+      f"process(es) x {jax.local_device_count()}). plca_jax.main sets the "
+      f"count before the first device use; a program that calls the "
+      f"trainer itself must call plca_jax.xla.set_cpu_devices first (or "
+      f"set --config.train.cpu_devices=0 to run on the devices it has)")

@@ -1,15 +1,21 @@
-"""Two local processes (jax.distributed, CPU collectives) against one.
+"""The same training command on one and on two local processes.
 
 The global record stream makes a run's global batches independent of the
-process count (input_pipeline's docstring), so the same training command
-with one process and with two logs the same scalars, with no hand-built
-reference; and a checkpoint written by one topology resumes on the other.
-The one-process runs call `train.train_and_evaluate` in this process (what
-`python -m plca_jax.main --mode=train` runs) to save start-up time; the
-two-process runs are `python -m plca_jax.main` with coordinator flags.
+process count (input_pipeline's docstring), and `config.train.cpu_devices`
+fixes the CPU device count, so one process driving two CPU devices and two
+processes of one device each run the same SPMD program: `configs/demo.py`
+logs the same scalars either way, with no hand-built reference, and a
+checkpoint written by either resumes on the other (`test_demo_...`). A
+checkpoint also resumes on another *device* count, which changes the float
+reduction order, so there the scalars agree to that order only
+(`test_checkpoint_of_two_devices_...`, on the tiny test config, where the
+drift stays small). The two-process runs and the two-device runs are
+`python -m plca_jax.main` subprocesses (the device count is fixed when JAX
+starts); the one-device runs call `train.train_and_evaluate` here.
 """
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,10 +30,23 @@ from plca_jax import writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Float reduction order differs between one and two processes (gradients
-# and BatchNorm moments are summed across processes); measured on this
-# CPU: at most 2.3e-6 relative (train/ce) over these four updates.
+# The issue's bound. Same device count: measured bit-equal (every scalar,
+# every step). One device against two (the tiny config, 4 updates): at
+# most 2.3e-6 relative; the demo drifts past 1e-4 by update 3 that way.
 RTOL = 1e-4
+
+# configs/demo.py with class-overlap pairing on predicted classes (the
+# pairing table is part of what must not depend on the process count),
+# every update logged and a checkpoint every 2. 8 target images instead of
+# 2000, so that targets recur from update 3 on and the table of predicted
+# classes drives the picks within 4 updates (with 2000, after 500).
+DEMO_FLAGS = {"train.cpu_devices": 2, "train.log_every": 1,
+              "train.checkpoint_every": 2, "train.eval_every": 1000,
+              "data.pairing": "class_overlap",
+              "data.pairing_target_classes": "pseudo",
+              "data.target.num_images": 8}
+TINY_FLAGS = {"train.batch_size": 2, "train.log_every": 1,
+              "train.checkpoint_every": 2, "train.eval_every": 1000}
 
 
 def _free_port():
@@ -36,44 +55,36 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _overrides(pairing):
-  flags = {"train.batch_size": 2, "train.log_every": 1,
-           "train.checkpoint_every": 2, "train.eval_every": 1000}
-  if pairing:
-    flags.update({"data.pairing": "class_overlap",
-                  "data.pairing_target_classes": "pseudo"})
-  return flags
-
-
-def _config(pairing, num_steps):
-  config = test_config.get_config()
-  for key, value in {**_overrides(pairing),
-                     "train.num_steps": num_steps}.items():
-    section, name = key.split(".")
-    config[section][name] = value
-  return config
-
-
-def _one_process(workdir, num_steps, pairing=False):
-  train.train_and_evaluate(_config(pairing, num_steps), workdir,
-                           evaluate_during_training=False)
-
-
-def _two_processes(workdir, num_steps, pairing=False):
-  port = _free_port()
-  flags = [f"--config.{k}={v}" for k, v in _overrides(pairing).items()]
+def _main(config, workdir, num_steps, flags, num_processes=1):
+  """`python -m plca_jax.main --mode=train` on 1 or N local processes."""
+  args = [sys.executable, "-m", "plca_jax.main",
+          f"--config={REPO}/configs/{config}.py", f"--workdir={workdir}",
+          "--mode=train", f"--config.train.num_steps={num_steps}",
+          *[f"--config.{k}={v}" for k, v in flags.items()]]
+  if num_processes > 1:
+    port = _free_port()
+    commands = [args + [f"--coordinator_address=127.0.0.1:{port}",
+                        f"--num_processes={num_processes}",
+                        f"--process_id={i}"] for i in range(num_processes)]
+  else:
+    commands = [args]
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "plca_jax.main",
-       f"--config={REPO}/configs/test.py", f"--workdir={workdir}",
-       "--mode=train", *flags, f"--config.train.num_steps={num_steps}",
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-       f"--process_id={process_id}"],
-      env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE, text=True) for process_id in range(2)]
+      command, env={**os.environ, "PYTHONPATH": REPO},
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for command in commands]
   for proc in procs:
     _, err = proc.communicate(timeout=400)
     if proc.returncode != 0:
       raise AssertionError(err[-3000:])
+
+
+def _tiny_here(workdir, num_steps):
+  """configs/test.py on this process's one CPU device."""
+  config = test_config.get_config()
+  for key, value in {**TINY_FLAGS, "train.num_steps": num_steps}.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  train.train_and_evaluate(config, workdir, evaluate_during_training=False)
 
 
 def _scalars(workdir):
@@ -97,34 +108,45 @@ class MultiProcessTest(absltest.TestCase):
         np.testing.assert_allclose(got[step][name], value, rtol=RTOL,
                                    atol=1e-7, err_msg=f"{name} step {step}")
 
-  def assert_resumes_like_one_process(self, pairing, first, then):
+  @pytest.mark.slow
+  def test_demo_same_scalars_on_one_and_two_processes_and_resumes_across(
+      self):
+    # The reference: one process, 4 updates uninterrupted.
     one = self.create_tempdir().full_path
-    _one_process(one, 4, pairing)
+    _main("demo", one, 4, DEMO_FLAGS)
     expected = _scalars(one)
-    workdir = self.create_tempdir().full_path
-    first(workdir, 2, pairing)
-    self.assertEqual(sorted(_scalars(workdir)), [1, 2])
-    then(workdir, 4, pairing)
-    self.assert_same_scalars(_scalars(workdir), expected, [1, 2, 3, 4])
-    return expected
-
-  @pytest.mark.slow
-  def test_two_processes_then_one_like_one_process(self):
-    # Updates 1-2 on two processes (same scalars as one process), the
-    # checkpoint resumed by one process (same scalars to update 4).
-    self.assert_resumes_like_one_process(False, _two_processes, _one_process)
-
-  @pytest.mark.slow
-  def test_class_overlap_one_process_then_two_like_one_process(self):
-    # Class-overlap pairing on predicted classes: the pairing table written
-    # by one process drives two processes' picks like one process's.
-    expected = self.assert_resumes_like_one_process(True, _one_process,
-                                                    _two_processes)
-    # First update: no target seen yet (random pairing); later the table
-    # holds the model's predictions.
+    self.assertEqual(sorted(expected), [1, 2, 3, 4])
+    # Random pairing first (no target seen yet), then the table holds the
+    # model's predictions.
     self.assertEqual(expected[1]["train/pairing_known_targets"], 0.0)
     self.assertGreater(expected[4]["train/pairing_known_targets"], 0)
-    self.assertIn("train/pairing_shared_classes", expected[4])
+
+    # Two processes, updates 1-2; then one process resumes to update 4.
+    workdir = self.create_tempdir().full_path
+    _main("demo", workdir, 2, DEMO_FLAGS, num_processes=2)
+    self.assert_same_scalars(_scalars(workdir), expected, [1, 2])
+    _main("demo", workdir, 4, DEMO_FLAGS)
+    self.assert_same_scalars(_scalars(workdir), expected, [1, 2, 3, 4])
+
+    # The one-process run's checkpoint of update 2 (what one process
+    # training 2 updates writes), resumed by two processes to update 4.
+    workdir = self.create_tempdir().full_path
+    shutil.copytree(os.path.join(one, "checkpoints", "2"),
+                    os.path.join(workdir, "checkpoints", "2"))
+    _main("demo", workdir, 4, DEMO_FLAGS, num_processes=2)
+    self.assert_same_scalars(_scalars(workdir), expected, [3, 4])
+
+  @pytest.mark.slow
+  def test_checkpoint_of_two_devices_resumes_on_one_device(self):
+    # A slice of another size: 2 updates on two CPU devices (one process,
+    # `cpu_devices=2`), resumed on this process's one device to update 4;
+    # equal to one device throughout up to float reduction order.
+    one = self.create_tempdir().full_path
+    _tiny_here(one, 4)
+    workdir = self.create_tempdir().full_path
+    _main("test", workdir, 2, {**TINY_FLAGS, "train.cpu_devices": 2})
+    _tiny_here(workdir, 4)
+    self.assert_same_scalars(_scalars(workdir), _scalars(one), [1, 2, 3, 4])
 
 
 if __name__ == "__main__":

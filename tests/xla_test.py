@@ -1,10 +1,13 @@
-"""Tests of plca_jax.xla's host-allocator setting."""
+"""Tests of plca_jax.xla's host-allocator and CPU-device settings."""
 
 import subprocess
 import sys
 import textwrap
 
 from absl.testing import absltest
+import jax
+
+from plca_jax import xla
 
 # mallocs, writes and frees 256 MB twice (as XLA:CPU does with an update's
 # temporary buffer); prints the minor page faults of the second round.
@@ -43,6 +46,35 @@ class HostMemoryTest(absltest.TestCase):
     # 256 MB is 65536 pages: glibc's default maps it afresh each time.
     self.assertGreater(_second_allocation_faults("default"), 30000)
     self.assertLess(_second_allocation_faults("keep"), 1000)
+
+
+class CpuDevicesTest(absltest.TestCase):
+
+  def test_count_must_divide_over_the_processes(self):
+    for total, processes in ((3, 2), (-2, 1)):
+      with self.assertRaisesRegex(ValueError,
+                                  rf"cpu_devices={total} .*\({processes}\)"):
+        xla.set_cpu_devices(total, processes)
+    xla.set_cpu_devices(0, 2)  # XLA's default: nothing to set
+
+  def test_a_run_without_the_configured_count_fails_by_name(self):
+    # This test process has one CPU device (JAX has started).
+    n = jax.device_count()
+    xla.check_cpu_devices(0)
+    xla.check_cpu_devices(n)
+    with self.assertRaisesRegex(
+        ValueError, rf"cpu_devices={n + 1}, but this run has {n} CPU "
+        r"device.*set_cpu_devices"):
+      xla.check_cpu_devices(n + 1)
+
+  def test_each_process_gets_its_share(self):
+    # A fresh interpreter (the count is fixed when JAX starts): 4 devices
+    # over 2 processes gives this process 2.
+    out = subprocess.run(
+        [sys.executable, "-c", "import jax; from plca_jax import xla; "
+         "xla.set_cpu_devices(4, 2); print(jax.local_device_count())"],
+        check=True, capture_output=True, text=True)
+    self.assertEqual(out.stdout.strip().splitlines()[-1], "2")
 
 
 if __name__ == "__main__":
