@@ -8,6 +8,10 @@ per-term breakdown, each a separate compile:
   lovasz   + Lovasz-softmax
   lsr      + LSR on both domains
   all      + L_fass + L_cass (the full PLCA objective)
+`--one_pass=on` sends source and target through the network as one batch
+instead of two passes (config.train.domains_in_one_pass); `--one_pass=both`
+times the one-batch update alternating with the two-pass one, like
+`--torch`.
 `--cpu_fixes=off` drops the XLA:CPU settings of plca_jax.xla (Eigen
 convolutions, materialised block outputs) to show what they change.
 `--torch` times the same update in PyTorch in the same process, the two
@@ -64,6 +68,7 @@ def make_config(args, terms):
   config.train.batch_size = args.batch
   config.train.grad_accum_steps = 1
   config.train.compute_dtype = args.dtype
+  config.train.domains_in_one_pass = args.one_pass != "off"
   for key, value in TERMS[terms].items():
     setattr(config.loss, key, value)
   return config
@@ -84,10 +89,9 @@ def random_batch(config, seed=0):
   return {"source": domain(), "target": domain()}
 
 
-def time_update(config, steps, cpu_fixes, other=None):
-  """Compile seconds, seconds per update, final loss; with `other` (a
-  callable running one update of something else) also its seconds, timed
-  alternately with this update's."""
+def build_update(config, cpu_fixes):
+  """(compile seconds, a callable running one update and returning its
+  loss) for `config` on one device, warmed up."""
   mesh = sharding.create_mesh(jax.devices()[:1])
   method = methods.get_method(config)
   options = None
@@ -102,8 +106,21 @@ def time_update(config, steps, cpu_fixes, other=None):
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, key).compile()
   compile_s = time.perf_counter() - t0
-  state, scalars = compiled(state, batch, key)  # warm-up
-  jax.block_until_ready(scalars)
+  holder = {"state": state}
+
+  def run():
+    holder["state"], scalars = compiled(holder["state"], batch, key)
+    return float(jax.block_until_ready(scalars)["loss"])
+
+  run()  # warm-up
+  return compile_s, run
+
+
+def time_update(config, steps, cpu_fixes, other=None):
+  """Compile seconds, seconds per update, final loss; with `other` (a
+  callable running one update of something else) also its seconds, timed
+  alternately with this update's."""
+  compile_s, run = build_update(config, cpu_fixes)
   if other is not None:
     other()  # warm-up
   times, other_times = [], []
@@ -112,15 +129,14 @@ def time_update(config, steps, cpu_fixes, other=None):
     # work (torch's OpenMP, Eigen) must not steal cores from the other.
     time.sleep(PAUSE_S if other is not None else 0.0)
     t0 = time.perf_counter()
-    state, scalars = compiled(state, batch, key)
-    jax.block_until_ready(scalars)
+    loss = run()
     times.append(time.perf_counter() - t0)
     if other is not None:
       time.sleep(PAUSE_S)
       t0 = time.perf_counter()
       other()
       other_times.append(time.perf_counter() - t0)
-  return compile_s, times, float(scalars["loss"]), other_times
+  return compile_s, times, loss, other_times
 
 
 def main():
@@ -135,6 +151,11 @@ def main():
                       help=f"comma-separated of {sorted(TERMS)}")
   parser.add_argument("--steps", type=int, default=4)
   parser.add_argument("--cpu_fixes", default="on", choices=("on", "off"))
+  parser.add_argument("--one_pass", default="off",
+                      choices=("on", "off", "both"),
+                      help="config.train.domains_in_one_pass: source and "
+                      "target as one batch (on) or two passes (off, the "
+                      "default); both: time on, alternating with off")
   parser.add_argument("--host_memory", default="keep",
                       choices=("keep", "default"),
                       help="keep: glibc keeps freed memory for reuse, as "
@@ -148,18 +169,27 @@ def main():
     xla.keep_freed_host_memory()
   print(f"R{args.depth}, {args.crop}x{args.crop}, {args.batch} image(s) per "
         f"domain, {args.dtype}, remat {args.remat}, XLA:CPU settings "
-        f"{args.cpu_fixes}, host memory {args.host_memory}, backend "
+        f"{args.cpu_fixes}, domains in one pass {args.one_pass}, host memory "
+        f"{args.host_memory}, backend "
         f"{jax.default_backend()} "
         f"({jax.devices()[0].device_kind}), {os.cpu_count()} CPU cores")
   header = (f"{'terms':>7} {'compile s':>10} {'median s':>9} {'min s':>7} "
             f"{'loss':>9}")
-  if args.torch:
-    header += f" {'torch median s':>15} {'torch min s':>12} {'ratio':>6}"
+  against = "two-pass" if args.one_pass == "both" else "torch"
+  if args.torch or args.one_pass == "both":
+    header += (f" {against + ' median s':>18} {against + ' min s':>15} "
+               f"{'ratio':>6}")
   print(header)
   for terms in args.terms.split(","):
     config = make_config(args, terms)
     other = None
-    if args.torch and terms in TORCH_TERMS:
+    if args.one_pass == "both":
+      if args.torch:
+        parser.error("--one_pass=both times against two passes, not torch")
+      two_pass = config.copy_and_resolve_references()
+      two_pass.train.domains_in_one_pass = False
+      other = build_update(two_pass, args.cpu_fixes == "on")[1]
+    elif args.torch and terms in TORCH_TERMS:
       # Imported only here: see the note at --torch.
       from benchmarks import torch_network
       other = torch_network.make_update(
@@ -172,8 +202,8 @@ def main():
     if other_times:
       # Median of the per-round ratios: each pair ran back to back.
       ratio = statistics.median(a / b for a, b in zip(times, other_times))
-      line += (f" {statistics.median(other_times):15.2f} "
-               f"{min(other_times):12.2f} {ratio:6.2f}")
+      line += (f" {statistics.median(other_times):18.2f} "
+               f"{min(other_times):15.2f} {ratio:6.2f}")
     print(line, flush=True)
 
 

@@ -97,6 +97,45 @@ class BatchNormOrderTest(absltest.TestCase):
     self.assertLess(gap(got, target_first), 1e-5)
     self.assertGreater(gap(got, source_first), 1e-3)
 
+  def test_one_pass_of_both_domains_equals_two_passes(self):
+    # config.train.domains_in_one_pass: one batch of 2B with per-domain
+    # BatchNorm groups gives what two passes give (float64: to rounding),
+    # outputs, parameter gradients and running statistics, in half the
+    # convolutions.
+    config = _config("adaptsegnet")  # a model with the aux head too
+    rng = np.random.default_rng(0)
+    micro = {d: {"image": rng.integers(0, 256, (2, 32, 32, 3), np.uint8)}
+             for d in base.DOMAINS}
+    micro["target"]["image"] //= 2
+    with jax.enable_x64(True):
+      model = methods.get_method(config).model.clone(dtype=jnp.float64)
+      variables = jax.tree.map(
+          lambda a: jnp.asarray(a, jnp.float64),
+          model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+      shapes = jax.eval_shape(lambda: model.apply(
+          variables, jnp.zeros((2, 32, 32, 3)), train=False))
+      weights = jax.tree.map(
+          lambda a: jnp.asarray(rng.normal(size=a.shape)), (shapes, shapes))
+
+      def loss(params, one_pass):
+        config.train.domains_in_one_pass = one_pass
+        out_s, out_t, stats = base.forward_pair(
+            model, params, variables["batch_stats"], micro, config,
+            first="target")
+        total = sum(jnp.sum(w * o) for w, o in zip(
+            jax.tree.leaves(weights), jax.tree.leaves((out_s, out_t))))
+        return total, (out_s, out_t, stats)
+
+      results = {one_pass: jax.grad(loss, has_aux=True)(
+          variables["params"], one_pass) for one_pass in (True, False)}
+      convs = {one_pass: str(jax.make_jaxpr(loss, static_argnums=1)(
+          variables["params"], one_pass)).count("conv_general_dilated")
+               for one_pass in (True, False)}
+    self.assertEqual(2 * convs[True], convs[False])
+    for got, want in zip(jax.tree.leaves(results[True]),
+                         jax.tree.leaves(results[False])):
+      np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
+
 
 class AdaptSegNetTest(absltest.TestCase):
 

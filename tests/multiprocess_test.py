@@ -39,12 +39,14 @@ RTOL = 1e-4
 # pairing table is part of what must not depend on the process count),
 # every update logged and a checkpoint every 2. 8 target images instead of
 # 2000, so that targets recur from update 3 on and the table of predicted
-# classes drives the picks within 4 updates (with 2000, after 500).
+# classes drives the picks within 4 updates (with 2000, after 500); 64
+# source images, because every process renders every source label map at
+# start-up for the class sets (11 s for 2000 here).
 DEMO_FLAGS = {"train.cpu_devices": 2, "train.log_every": 1,
               "train.checkpoint_every": 2, "train.eval_every": 1000,
               "data.pairing": "class_overlap",
               "data.pairing_target_classes": "pseudo",
-              "data.target.num_images": 8}
+              "data.target.num_images": 8, "data.source.num_images": 64}
 TINY_FLAGS = {"train.batch_size": 2, "train.log_every": 1,
               "train.checkpoint_every": 2, "train.eval_every": 1000}
 

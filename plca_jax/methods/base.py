@@ -162,20 +162,38 @@ def forward(model, params, batch_stats, images):
 
 def forward_pair(model, params, batch_stats, micro, config, *,
                  first="source"):
-  """Source and target through the network as two training-mode passes
-  (per-domain BatchNorm statistics): (out_s, out_t, new statistics).
+  """Source and target through the network in training mode with
+  per-domain BatchNorm statistics: (out_s, out_t, new statistics).
 
   `first` is the domain that goes through first. The outputs do not depend
   on it (training-mode BatchNorm normalises with batch statistics) but the
-  running statistics used at evaluation do: the second pass's batch weighs
-  1 - momentum in them, the first's (1 - momentum) * momentum.
+  running statistics used at evaluation do: the second domain's batch
+  weighs 1 - momentum in them, the first's (1 - momentum) * momentum.
+
+  With `config.train.domains_in_one_pass` (and images of one shape) both
+  domains go through as one batch of 2B images, stacked image by image
+  (first domain's image b at row 2b, the other's at 2b + 1, so each
+  device's rows stay on it), and BatchNorm normalises the two interleaved
+  groups separately (`norm.BatchNorm.groups`): the same outputs, gradients
+  and running statistics as two passes up to float rounding, with larger
+  convolutions (tests/methods_test.py, README "Memory and speed").
   """
   if first not in DOMAINS:
     raise ValueError(f"first={first!r}; expected one of {DOMAINS}")
+  order = (first, *(d for d in DOMAINS if d != first))
+  images = [encode(micro[d]["image"], config) for d in order]
   out = {}
-  for domain in (first, *(d for d in DOMAINS if d != first)):
-    out[domain], batch_stats = forward(model, params, batch_stats,
-                                       encode(micro[domain]["image"], config))
+  if (config.train.domains_in_one_pass and
+      images[0].shape == images[1].shape and hasattr(model, "bn_groups")):
+    both = jnp.stack(images, axis=1).reshape(-1, *images[0].shape[1:])
+    joint, batch_stats = forward(model.clone(bn_groups=2), params,
+                                 batch_stats, both)
+    for k, domain in enumerate(order):
+      out[domain] = jax.tree.map(
+          lambda a, k=k: a.reshape(-1, 2, *a.shape[1:])[:, k], joint)
+  else:
+    for domain, x in zip(order, images):
+      out[domain], batch_stats = forward(model, params, batch_stats, x)
   return out["source"], out["target"], batch_stats
 
 

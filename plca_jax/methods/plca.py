@@ -1,7 +1,8 @@
 """PLCA (Kang et al., NeurIPS 2020): the project's method (SPEC.md s. 2).
 
-Per micro-batch, target then source go through the network as two forward
-passes (per-domain BatchNorm statistics over the global batch) and the PLCA
+Per micro-batch, target then source go through the network with
+per-domain BatchNorm statistics over the global batch (`base.forward_pair`:
+one batch of both domains with grouped BatchNorm, or two passes) and the PLCA
 objective (`plca_jax.losses.total_loss`, switches and weights in
 `config.loss`) is differentiated with respect to the segmentation network.
 """

@@ -70,13 +70,17 @@ class DeepLabV2(nn.Module):
   aux_head: bool = False
   stride_on: str = "1x1"  # see resnet.ResNet
   head_init: str = "torch_default"  # see HEAD_INITS
+  # Training-mode BatchNorm over G interleaved groups of the batch, each
+  # with its own statistics (resnet.ResNet, norm.BatchNorm.groups).
+  bn_groups: int = 1
 
   def setup(self):
     self.backbone = resnet.ResNet(depth=self.depth, width=self.width,
                                   dtype=self.dtype, remat=self.remat,
                                   block_barrier=self.block_barrier,
                                   return_layer3=self.aux_head,
-                                  stride_on=self.stride_on)
+                                  stride_on=self.stride_on,
+                                  bn_groups=self.bn_groups)
     self.classifier = ASPPHead(self.num_classes, self.aspp_rates,
                                dtype=self.dtype, initializer=self.head_init)
     if self.aux_head:

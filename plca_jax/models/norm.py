@@ -16,6 +16,7 @@ M the number of values per channel. Statistics and gradients are computed
 in float32 (float64 for float64 input).
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -27,36 +28,57 @@ def _f32(x):
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-@jax.custom_vjp
-def batch_norm_train(x, scale, bias, epsilon):
-  """Normalises x (..., C) with its own batch statistics over all but C.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def batch_norm_train(x, scale, bias, epsilon, groups=1):
+  """Normalises x (N, ..., C) with its own batch statistics over all but C.
 
-  Returns (y in x's dtype, mean (C,), biased var (C,)); mean and var carry no
-  gradient (they feed the running averages only).
+  With `groups` G > 1 the batch holds G interleaved groups (row n belongs to
+  group n % G) and each group is normalised with its own statistics, as if
+  it went through alone: what one pass over source and target stacked
+  image by image needs for per-domain BatchNorm.
+
+  Returns (y in x's dtype, mean (G, C), biased var (G, C)); mean and var
+  carry no gradient (they feed the running averages only).
   """
-  return _forward(x, scale, bias, epsilon)[0]
+  return _forward(x, scale, bias, epsilon, groups)[0]
 
 
-def _forward(x, scale, bias, epsilon):
-  axes = tuple(range(x.ndim - 1))
-  xf = _f32(x)
-  mean = jnp.mean(xf, axis=axes)
-  var = jnp.mean(jnp.square(xf - mean), axis=axes)
+def _view(x, groups):
+  """x and the axes its statistics reduce over: for G > 1 x as (N/G, G,
+  ..., C), all axes but 1 and the last; for G = 1 x itself, all but the
+  last."""
+  if groups == 1:
+    return x, tuple(range(x.ndim - 1))
+  if x.shape[0] % groups:
+    raise ValueError(f"BatchNorm groups: batch {x.shape[0]} is not a "
+                     f"multiple of {groups}")
+  xg = x.reshape(x.shape[0] // groups, groups, *x.shape[1:])
+  return xg, (0, *range(2, xg.ndim - 1))
+
+
+def _forward(x, scale, bias, epsilon, groups):
+  xg, axes = _view(x, groups)
+  xf = _f32(xg)
+  mean = jnp.mean(xf, axis=axes, keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
   inv = jax.lax.rsqrt(var + epsilon)
-  y = (xf - mean) * (inv * scale) + bias
-  return (y.astype(x.dtype), mean, var), (x, mean, inv, scale)
+  y = ((xf - mean) * (inv * scale) + bias).reshape(x.shape)
+  stats = (mean.reshape(groups, -1), var.reshape(groups, -1))
+  return (y.astype(x.dtype), *stats), (x, mean, inv, scale)
 
 
-def _bwd(res, cotangents):
+def _bwd(groups, res, cotangents):
   x, mean, inv, scale = res
-  dy = _f32(cotangents[0])  # the statistics' cotangents are not used
-  axes = tuple(range(x.ndim - 1))
-  count = x.size // x.shape[-1]
-  x_hat = (_f32(x) - mean) * inv
-  dbias = jnp.sum(dy, axis=axes)
-  dscale = jnp.sum(dy * x_hat, axis=axes)
+  xg, axes = _view(x, groups)
+  dy = _f32(cotangents[0]).reshape(xg.shape)  # statistics' cotangents unused
+  count = x.size // (groups * x.shape[-1])
+  x_hat = (_f32(xg) - mean) * inv
+  dbias = jnp.sum(dy, axis=axes, keepdims=True)
+  dscale = jnp.sum(dy * x_hat, axis=axes, keepdims=True)
   dx = (scale * inv / count) * (count * dy - dbias - x_hat * dscale)
-  return dx.astype(x.dtype), dscale, dbias, None
+  return (dx.reshape(x.shape).astype(x.dtype),
+          jnp.sum(dscale.reshape(groups, -1), axis=0),
+          jnp.sum(dbias.reshape(groups, -1), axis=0), None)
 
 
 batch_norm_train.defvjp(_forward, _bwd)
@@ -70,11 +92,16 @@ class BatchNorm(nn.Module):
     momentum: running average decay (0.9 = PyTorch's momentum 0.1).
     epsilon: added to the variance.
     dtype: output dtype (None: the input's).
+    groups: G > 1: the batch holds G interleaved groups (row n in group
+      n % G), each normalised with its own statistics; the running
+      statistics take the groups' in order 0, 1, ..., as G separate
+      passes would (`methods.base.forward_pair`).
   """
   use_running_average: bool = False
   momentum: float = 0.99
   epsilon: float = 1e-5
   dtype: Any = None
+  groups: int = 1
 
   @nn.compact
   def __call__(self, x):
@@ -93,10 +120,12 @@ class BatchNorm(nn.Module):
       inv = jax.lax.rsqrt(ra_var.value + self.epsilon)
       y = (_f32(x) - ra_mean.value) * (inv * scale) + bias
       return y.astype(dtype)
-    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon,
+                                    self.groups)
     if not self.is_initializing():
       mean, var = jax.lax.stop_gradient((mean, var))
       m = self.momentum
-      ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
-      ra_var.value = m * ra_var.value + (1.0 - m) * var
+      for g in range(self.groups):
+        ra_mean.value = m * ra_mean.value + (1.0 - m) * mean[g]
+        ra_var.value = m * ra_var.value + (1.0 - m) * var[g]
     return y

@@ -145,6 +145,9 @@ class ResNet(nn.Module):
       residual add/ReLU chain into every consumer, recomputing whole layers
       (quadratic in the block count); `plca_jax.xla` keeps the barrier
       through XLA:CPU's passes. Set on the CPU backend only.
+    bn_groups: training-mode BatchNorm normalises G interleaved groups of
+      the batch (row n in group n % G) each with its own statistics, so G
+      domains can share one pass (`methods.base.forward_pair`).
   """
   depth: int = 101
   width: int = 64
@@ -158,6 +161,7 @@ class ResNet(nn.Module):
   # Bottleneck stride placement: "1x1" (Caffe/DeepLab weights) or "3x3"
   # (torchvision weights); basic blocks stride their first 3x3 conv.
   stride_on: str = "1x1"
+  bn_groups: int = 1  # see norm.BatchNorm.groups
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -176,7 +180,8 @@ class ResNet(nn.Module):
       block_cls = nn.remat(block_cls)
     norm = functools.partial(
         norm_lib.BatchNorm, use_running_average=not train,
-        momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype)
+        momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
+        groups=self.bn_groups)
 
     x = x.astype(self.dtype)
     x = _conv(self.width, 7, 2, "conv1", dilation=1, dtype=self.dtype)(x)
