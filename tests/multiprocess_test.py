@@ -113,30 +113,26 @@ class MultiProcessTest(absltest.TestCase):
   @pytest.mark.slow
   def test_demo_same_scalars_on_one_and_two_processes_and_resumes_across(
       self):
-    # The reference: one process, 4 updates uninterrupted.
+    # The reference: one process, 6 updates uninterrupted.
     one = self.create_tempdir().full_path
-    _main("demo", one, 4, DEMO_FLAGS)
+    _main("demo", one, 6, DEMO_FLAGS)
     expected = _scalars(one)
-    self.assertEqual(sorted(expected), [1, 2, 3, 4])
+    self.assertEqual(sorted(expected), [1, 2, 3, 4, 5, 6])
     # Random pairing first (no target seen yet), then the table holds the
     # model's predictions.
     self.assertEqual(expected[1]["train/pairing_known_targets"], 0.0)
-    self.assertGreater(expected[4]["train/pairing_known_targets"], 0)
+    self.assertGreater(expected[3]["train/pairing_known_targets"], 0)
 
-    # Two processes, updates 1-2; then one process resumes to update 4.
-    workdir = self.create_tempdir().full_path
-    _main("demo", workdir, 2, DEMO_FLAGS, num_processes=2)
-    self.assert_same_scalars(_scalars(workdir), expected, [1, 2])
-    _main("demo", workdir, 4, DEMO_FLAGS)
-    self.assert_same_scalars(_scalars(workdir), expected, [1, 2, 3, 4])
-
-    # The one-process run's checkpoint of update 2 (what one process
-    # training 2 updates writes), resumed by two processes to update 4.
+    # 1 -> 2: the one-process checkpoint of update 2 (what one process
+    # training 2 updates writes) resumed by two processes, updates 3-4.
     workdir = self.create_tempdir().full_path
     shutil.copytree(os.path.join(one, "checkpoints", "2"),
                     os.path.join(workdir, "checkpoints", "2"))
     _main("demo", workdir, 4, DEMO_FLAGS, num_processes=2)
     self.assert_same_scalars(_scalars(workdir), expected, [3, 4])
+    # 2 -> 1: their checkpoint of update 4 resumed by one process.
+    _main("demo", workdir, 6, DEMO_FLAGS)
+    self.assert_same_scalars(_scalars(workdir), expected, [3, 4, 5, 6])
 
   @pytest.mark.slow
   def test_checkpoint_of_two_devices_resumes_on_one_device(self):
