@@ -165,13 +165,14 @@ def main():
                       help="alternate with the same update in PyTorch "
                       "(terms ce and all)")
   args = parser.parse_args()
+  if args.one_pass == "both" and args.torch:
+    parser.error("--one_pass=both times against two passes, not torch")
   if args.host_memory == "keep":  # before the first use of a device
     xla.keep_freed_host_memory()
   print(f"R{args.depth}, {args.crop}x{args.crop}, {args.batch} image(s) per "
         f"domain, {args.dtype}, remat {args.remat}, XLA:CPU settings "
         f"{args.cpu_fixes}, domains in one pass {args.one_pass}, host memory "
-        f"{args.host_memory}, backend "
-        f"{jax.default_backend()} "
+        f"{args.host_memory}, backend {jax.default_backend()} "
         f"({jax.devices()[0].device_kind}), {os.cpu_count()} CPU cores")
   header = (f"{'terms':>7} {'compile s':>10} {'median s':>9} {'min s':>7} "
             f"{'loss':>9}")
@@ -184,8 +185,6 @@ def main():
     config = make_config(args, terms)
     other = None
     if args.one_pass == "both":
-      if args.torch:
-        parser.error("--one_pass=both times against two passes, not torch")
       two_pass = config.copy_and_resolve_references()
       two_pass.train.domains_in_one_pass = False
       other = build_update(two_pass, args.cpu_fixes == "on")[1]

@@ -70,11 +70,11 @@ def main(argv):
   logging.info("Config:\n%s", config, extra=console.FILE_ONLY)
   if (xla.on_cpu() and jax.process_count() > 1 and
       not config.train.cpu_devices and jax.process_index() == 0):
-    logging.info("CPU run on %d processes with one device each: its losses "
+    logging.info("CPU run on %d processes with %d device(s) each: its losses "
                  "match a one-process run only up to float reduction order; "
                  "--config.train.cpu_devices=%d on both makes them equal "
                  "(README \"Reproducibility\").", jax.process_count(),
-                 jax.device_count())
+                 jax.local_device_count(), jax.device_count())
   if jax.process_index() == 0:
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
