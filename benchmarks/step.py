@@ -13,7 +13,11 @@ instead of two passes (config.train.domains_in_one_pass); `--one_pass=both`
 times the one-batch update alternating with the two-pass one, like
 `--torch`.
 `--cpu_fixes=off` drops the XLA:CPU settings of plca_jax.xla (Eigen
-convolutions, materialised block outputs) to show what they change.
+convolutions, materialised block outputs) and the model's XLA:CPU kernels
+to show what they change; `--cpu_kernels=off` drops only the kernels (the
+ASPP head as one matrix product, weight gradients as matrix products:
+`DeepLabV2.head_as_dot`, `dot_weight_grads`), `--cpu_kernels=both` times
+the update with them alternating with the update without.
 `--torch` times the same update in PyTorch in the same process, the two
 alternating update by update (benchmarks/torch_network.py; for `all` the
 PLCA terms computed the release's way, benchmarks/torch_plca.py; for `ce`
@@ -25,6 +29,7 @@ makes figures from separate runs hard to compare.
     python benchmarks/step.py --terms=ce,lovasz,lsr,all --remat=block
     python benchmarks/step.py --depth=18 --crop=730 --dtype=bfloat16
     python benchmarks/step.py --terms=ce,all --torch --steps=5
+    python benchmarks/step.py --cpu_kernels=both --steps=6
 """
 
 import argparse
@@ -89,12 +94,15 @@ def random_batch(config, seed=0):
   return {"source": domain(), "target": domain()}
 
 
-def build_update(config, cpu_fixes):
+def build_update(config, cpu_fixes, cpu_kernels=True):
   """(compile seconds, a callable running one update and returning its
   loss) for `config` on one device, warmed up."""
   mesh = sharding.create_mesh(jax.devices()[:1])
   method = methods.get_method(config)
   options = None
+  if not cpu_kernels or not cpu_fixes:
+    method.model = method.model.clone(head_as_dot=False,
+                                      dot_weight_grads=False)
   if not cpu_fixes:
     method.model = method.model.clone(block_barrier=False)
     options = {}
@@ -116,11 +124,11 @@ def build_update(config, cpu_fixes):
   return compile_s, run
 
 
-def time_update(config, steps, cpu_fixes, other=None):
+def time_update(config, steps, cpu_fixes, other=None, cpu_kernels=True):
   """Compile seconds, seconds per update, final loss; with `other` (a
   callable running one update of something else) also its seconds, timed
   alternately with this update's."""
-  compile_s, run = build_update(config, cpu_fixes)
+  compile_s, run = build_update(config, cpu_fixes, cpu_kernels)
   if other is not None:
     other()  # warm-up
   times, other_times = [], []
@@ -151,6 +159,11 @@ def main():
                       help=f"comma-separated of {sorted(TERMS)}")
   parser.add_argument("--steps", type=int, default=4)
   parser.add_argument("--cpu_fixes", default="on", choices=("on", "off"))
+  parser.add_argument("--cpu_kernels", default="on",
+                      choices=("on", "off", "both"),
+                      help="the model's XLA:CPU kernels (ASPP head and "
+                      "weight gradients as matrix products); both: time "
+                      "on, alternating with off")
   parser.add_argument("--one_pass", default="off",
                       choices=("on", "off", "both"),
                       help="config.train.domains_in_one_pass: source and "
@@ -165,19 +178,23 @@ def main():
                       help="alternate with the same update in PyTorch "
                       "(terms ce and all)")
   args = parser.parse_args()
-  if args.one_pass == "both" and args.torch:
-    parser.error("--one_pass=both times against two passes, not torch")
+  if [args.one_pass == "both", args.cpu_kernels == "both",
+      args.torch].count(True) > 1:
+    parser.error("--one_pass=both, --cpu_kernels=both and --torch each "
+                 "time against something else; give one of them")
   if args.host_memory == "keep":  # before the first use of a device
     xla.keep_freed_host_memory()
   print(f"R{args.depth}, {args.crop}x{args.crop}, {args.batch} image(s) per "
         f"domain, {args.dtype}, remat {args.remat}, XLA:CPU settings "
-        f"{args.cpu_fixes}, domains in one pass {args.one_pass}, host memory "
+        f"{args.cpu_fixes}, XLA:CPU kernels {args.cpu_kernels}, domains in "
+        f"one pass {args.one_pass}, host memory "
         f"{args.host_memory}, backend {jax.default_backend()} "
         f"({jax.devices()[0].device_kind}), {os.cpu_count()} CPU cores")
   header = (f"{'terms':>7} {'compile s':>10} {'median s':>9} {'min s':>7} "
             f"{'loss':>9}")
-  against = "two-pass" if args.one_pass == "both" else "torch"
-  if args.torch or args.one_pass == "both":
+  against = ("two-pass" if args.one_pass == "both" else
+             "no-kernels" if args.cpu_kernels == "both" else "torch")
+  if args.torch or "both" in (args.one_pass, args.cpu_kernels):
     header += (f" {against + ' median s':>18} {against + ' min s':>15} "
                f"{'ratio':>6}")
   print(header)
@@ -187,7 +204,10 @@ def main():
     if args.one_pass == "both":
       two_pass = config.copy_and_resolve_references()
       two_pass.train.domains_in_one_pass = False
-      other = build_update(two_pass, args.cpu_fixes == "on")[1]
+      other = build_update(two_pass, args.cpu_fixes == "on",
+                           args.cpu_kernels != "off")[1]
+    elif args.cpu_kernels == "both":
+      other = build_update(config, args.cpu_fixes == "on", False)[1]
     elif args.torch and terms in TORCH_TERMS:
       # Imported only here: see the note at --torch.
       from benchmarks import torch_network
@@ -195,7 +215,8 @@ def main():
           args.depth, args.crop, args.batch, config.model.num_classes,
           **TORCH_TERMS[terms])
     compile_s, times, loss, other_times = time_update(
-        config, args.steps, args.cpu_fixes == "on", other)
+        config, args.steps, args.cpu_fixes == "on", other,
+        args.cpu_kernels != "off")
     line = (f"{terms:>7} {compile_s:10.1f} {statistics.median(times):9.2f} "
             f"{min(times):7.2f} {loss:9.4f}")
     if other_times:

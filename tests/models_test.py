@@ -10,6 +10,8 @@ import pytest
 
 from configs import default as default_config
 from plca_jax import models
+from plca_jax import xla
+from plca_jax.models import conv as conv_lib
 from plca_jax.models import resnet
 
 
@@ -148,6 +150,129 @@ class DeepLabV2Test(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "depth 42"):
       _abstract_variables(models.DeepLabV2(num_classes=2, depth=42),
                           (1, 32, 32, 3))
+
+
+def _numpy_conv(x, w, stride, padding, dilation):
+  """Plain float64 convolution, NHWC x HWIO, by explicit window sums."""
+  kh, kw, _, c_out = w.shape
+  xp = np.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  out_h = (xp.shape[1] - dilation * (kh - 1) - 1) // stride + 1
+  out_w = (xp.shape[2] - dilation * (kw - 1) - 1) // stride + 1
+  y = np.zeros((x.shape[0], out_h, out_w, c_out))
+  for i in range(kh):
+    for j in range(kw):
+      window = xp[:, i * dilation:i * dilation + stride * (out_h - 1) + 1:stride,
+                  j * dilation:j * dilation + stride * (out_w - 1) + 1:stride]
+      y += np.einsum("nhwc,co->nhwo", window, w[i, j])
+  return y
+
+
+class CPUKernelsTest(parameterized.TestCase):
+  """XLA:CPU's forms of the convolutions (README "Memory and speed"):
+  the same values and gradients as the plain ones, the same variables."""
+
+  @parameterized.parameters(
+      # kernel, stride, dilation, C_in: the network's kinds (stem 7x7/2,
+      # strided and plain 1x1, dilated 3x3) with both weight-gradient forms
+      # (one product per tap; im2col for kh * kw * C_in <= PATCHES_MAX).
+      (7, 2, 1, 3), (1, 2, 1, 5), (1, 1, 1, 200), (3, 1, 2, 4),
+      (3, 1, 4, 120), (3, 2, 1, 2))
+  def test_dot_weight_grad_matches_numpy_float64(self, k, stride, dilation,
+                                                 c_in):
+    rng = np.random.default_rng(k * 100 + c_in)
+    x = rng.normal(size=(2, 9, 11, c_in))
+    w = rng.normal(size=(k, k, c_in, 3))
+    p = dilation * (k // 2)
+    padding = ((p, p), (p, p))
+    y_ref = _numpy_conv(x, w, stride, padding, dilation)
+    g = rng.normal(size=y_ref.shape)
+    # dW[i, j] = (the input pixels tap (i, j) reads)^T g, summed over
+    # images and output pixels.
+    xp = np.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    oh, ow = y_ref.shape[1:3]
+    dw_ref = np.zeros_like(w)
+    for i in range(k):
+      for j in range(k):
+        window = xp[:, i * dilation:i * dilation + stride * (oh - 1) + 1:stride,
+                    j * dilation:j * dilation + stride * (ow - 1) + 1:stride]
+        dw_ref[i, j] = np.einsum("nhwa,nhwb->ab", window, g)
+    # dx through <dx, v> = sum(g * conv(v, w)) for a random direction v
+    # (the convolution is linear in x).
+    v = rng.normal(size=x.shape)
+    with jax.enable_x64(True):
+      fn = lambda x, w: conv_lib.conv_dot_weight_grad(  # pylint: disable=g-long-lambda
+          x, w, (stride, stride), padding, (dilation, dilation))
+      y, vjp = jax.vjp(fn, jnp.asarray(x), jnp.asarray(w))
+      dx, dw = vjp(jnp.asarray(g))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        np.sum(np.asarray(dx) * v),
+        np.sum(g * _numpy_conv(v, w, stride, padding, dilation)), rtol=1e-10)
+
+  def test_conv_module_has_nn_conv_variables(self):
+    x = jnp.ones((1, 10, 10, 4))
+    ours = conv_lib.Conv(6, (3, 3), padding=((2, 2), (2, 2)),
+                         kernel_dilation=(2, 2), kernel_init=resnet.conv_init)
+    flax_conv = resnet.nn.Conv(6, (3, 3), padding=[(2, 2), (2, 2)],
+                               kernel_dilation=(2, 2), use_bias=False,
+                               kernel_init=resnet.conv_init)
+    a, b = ours.init(jax.random.key(3), x), flax_conv.init(
+        jax.random.key(3), x)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    np.testing.assert_allclose(ours.apply(a, x), flax_conv.apply(b, x),
+                               rtol=1e-6)
+
+  @parameterized.parameters((41, 41), (9, 13), (5, 30))
+  def test_aspp_as_dot_equals_the_convolutions(self, h, w):
+    # (9, 13) and (5, 30): the larger rates' off-centre taps fall entirely
+    # outside the map and are left out of the product.
+    x = np.random.default_rng(h).normal(size=(2, h, w, 7))
+    with jax.enable_x64(True):
+      conv = models.deeplab_v2.ASPPHead(5, dtype=jnp.float64)
+      dot = conv.clone(as_dot=True)
+      variables = conv.init(jax.random.key(1), jnp.asarray(x))
+      jax.tree.map(np.testing.assert_array_equal, variables,
+                   dot.init(jax.random.key(1), jnp.asarray(x)))
+
+      def grads(head):
+        fn = lambda v, x: jnp.sum(jnp.sin(head.apply(v, x)))  # pylint: disable=g-long-lambda
+        return jax.value_and_grad(fn, (0, 1))(variables, jnp.asarray(x))
+      (v0, g0), (v1, g1) = grads(conv), grads(dot)
+    np.testing.assert_allclose(v1, v0, rtol=1e-12)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+  def test_network_with_cpu_kernels_equals_the_plain_one(self):
+    # get_model picks XLA:CPU's forms on the CPU backend; the network's
+    # outputs, parameter gradients and BatchNorm statistics are the plain
+    # network's (float64: to rounding).
+    config = default_config.get_config()
+    config.model.depth, config.model.width = 50, 8
+    built = models.get_model(config)
+    self.assertEqual((built.head_as_dot, built.dot_weight_grads),
+                     (xla.on_cpu(), xla.on_cpu()))
+    x = np.random.default_rng(0).normal(size=(2, 33, 41, 3))
+    with jax.enable_x64(True):
+      plain = built.clone(dtype=jnp.float64, head_as_dot=False,
+                          dot_weight_grads=False, block_barrier=False)
+      fast = plain.clone(head_as_dot=True, dot_weight_grads=True)
+      variables = plain.init(jax.random.key(0), jnp.asarray(x))
+
+      def loss(model):
+        def fn(params):
+          out, updates = model.apply(
+              {"params": params, "batch_stats": variables["batch_stats"]},
+              jnp.asarray(x), train=True, mutable=["batch_stats"])
+          value = jnp.sum(out["logits"] ** 2) + jnp.sum(out["features"])
+          return value, updates["batch_stats"]
+        return jax.value_and_grad(fn, has_aux=True)(variables["params"])
+      (v0, stats0), g0 = loss(plain)
+      (v1, stats1), g1 = loss(fast)
+    np.testing.assert_allclose(v1, v0, rtol=1e-10)
+    for a, b in zip(jax.tree.leaves((g1, stats1)),
+                    jax.tree.leaves((g0, stats0))):
+      np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9)
 
 
 class MaxPoolTest(parameterized.TestCase):

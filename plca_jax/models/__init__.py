@@ -22,6 +22,7 @@ def get_model(config, dtype=None):
   kwargs = dict(num_classes=config.model.num_classes,
                 depth=config.model.depth, width=config.model.width,
                 remat=config.model.remat, block_barrier=xla.on_cpu(),
+                head_as_dot=xla.on_cpu(), dot_weight_grads=xla.on_cpu(),
                 stride_on=config.model.stride_on,
                 head_init=config.model.head_init)
   if dtype is None:

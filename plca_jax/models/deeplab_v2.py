@@ -3,6 +3,7 @@
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from plca_jax.models import resnet
@@ -26,15 +27,76 @@ def head_initializer(name):
   return HEAD_INITS[name]
 
 
+def aspp_as_dot(x, kernels, rates):
+  """The sum of dilated 3x3 convs (padding = dilation = rate) as one
+  matrix product and shifted adds.
+
+  Each tap (i, j) of each conv adds x @ K[i, j] shifted by
+  ((i - 1) r, (j - 1) r): the product of x (N*H*W, C) with the taps'
+  kernels side by side (C, T*M) gives every tap's (N, H, W, M) at once,
+  and the taps' shifted copies are summed where they land inside the map.
+  Taps that land entirely outside (|offset| >= H or W) read only padding
+  and are left out. The same sums as the convolutions, in another order.
+
+  Args:
+    x: (N, H, W, C).
+    kernels: one (3, 3, C, M) kernel per rate, x's dtype.
+    rates: the dilations.
+
+  Returns:
+    (N, H, W, M).
+  """
+  n, h, w, c = x.shape
+  m = kernels[0].shape[-1]
+  taps = [(k, i, j, (i - 1) * r, (j - 1) * r)
+          for k, r in enumerate(rates) for i in range(3) for j in range(3)
+          if abs((i - 1) * r) < h and abs((j - 1) * r) < w]
+  weights = jnp.concatenate([kernels[k][i, j] for k, i, j, _, _ in taps],
+                            axis=1)  # (C, T*M)
+  z = jnp.dot(x.reshape(-1, c), weights).reshape(n, h, w, len(taps), m)
+  out = jnp.zeros((n, h, w, m), z.dtype)
+  for t, (_, _, _, dy, dx) in enumerate(taps):
+    # out[y, x] += z[y + dy, x + dx, t] where y + dy, x + dx are inside.
+    part = z[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0), t]
+    out = out + jax.lax.pad(part, jnp.zeros((), z.dtype), (
+        (0, 0, 0), (max(-dy, 0), max(dy, 0), 0), (max(-dx, 0), max(dx, 0), 0),
+        (0, 0, 0)))
+  return out
+
+
+class _Kernel(nn.Module):
+  """A conv kernel alone, as `nn.Conv` names and initialises it."""
+  shape: Sequence[int]
+  init: Any
+
+  @nn.compact
+  def __call__(self):
+    return self.param("kernel", self.init, tuple(self.shape), jnp.float32)
+
+
 class ASPPHead(nn.Module):
-  """Four parallel bias-free 3x3 convs (dilation = padding = rate), summed."""
+  """Four parallel bias-free 3x3 convs (dilation = padding = rate), summed.
+
+  `as_dot=True` computes the same sum as one matrix product and shifted
+  adds (`aspp_as_dot`), with the same variables: on XLA:CPU, whose
+  convolution kernel is slow on these (C=2048 -> M=16, dilation up to 24)
+  convolutions, 4x faster forward and backward (README "Memory and
+  speed"). Set on the CPU backend only.
+  """
   num_classes: int
   rates: Sequence[int] = (6, 12, 18, 24)
   dtype: Any = jnp.float32
   initializer: str = "torch_default"  # a HEAD_INITS name
+  as_dot: bool = False
 
   @nn.compact
   def __call__(self, x):
+    if self.as_dot:
+      shape = (3, 3, x.shape[-1], self.num_classes)
+      kernels = [_Kernel(shape, head_initializer(self.initializer),
+                         name=f"conv{i}")().astype(self.dtype)
+                 for i in range(len(self.rates))]
+      return aspp_as_dot(x.astype(self.dtype), kernels, self.rates)
     out = 0
     for i, r in enumerate(self.rates):
       out = out + nn.Conv(
@@ -70,6 +132,11 @@ class DeepLabV2(nn.Module):
   aux_head: bool = False
   stride_on: str = "1x1"  # see resnet.ResNet
   head_init: str = "torch_default"  # see HEAD_INITS
+  # XLA:CPU's kernels (CPU backend only): the ASPP sums as one matrix
+  # product (ASPPHead.as_dot), the backbone's weight gradients as matrix
+  # products (resnet.ResNet.dot_weight_grads).
+  head_as_dot: bool = False
+  dot_weight_grads: bool = False
   # Training-mode BatchNorm over G interleaved groups of the batch, each
   # with its own statistics (resnet.ResNet, norm.BatchNorm.groups).
   bn_groups: int = 1
@@ -80,13 +147,16 @@ class DeepLabV2(nn.Module):
                                   block_barrier=self.block_barrier,
                                   return_layer3=self.aux_head,
                                   stride_on=self.stride_on,
-                                  bn_groups=self.bn_groups)
+                                  bn_groups=self.bn_groups,
+                                  dot_weight_grads=self.dot_weight_grads)
     self.classifier = ASPPHead(self.num_classes, self.aspp_rates,
-                               dtype=self.dtype, initializer=self.head_init)
+                               dtype=self.dtype, initializer=self.head_init,
+                               as_dot=self.head_as_dot)
     if self.aux_head:
       self.aux_classifier = ASPPHead(self.num_classes, self.aspp_rates,
                                      dtype=self.dtype,
-                                     initializer=self.head_init)
+                                     initializer=self.head_init,
+                                     as_dot=self.head_as_dot)
 
   def classify(self, features):
     return self.classifier(features)

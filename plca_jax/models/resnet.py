@@ -24,16 +24,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from plca_jax.models import conv as conv_lib
 from plca_jax.models import norm as norm_lib
 
 # He-normal with fan_out, as torchvision initialises its convs.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _conv(features, kernel, stride, name, *, dilation, dtype):
-  """Bias-free conv; 3x3 kernels get `dilation` and padding = dilation."""
+def _conv(features, kernel, stride, name, *, dilation, dtype,
+          dot_weight_grad=False):
+  """Bias-free conv; 3x3 kernels get `dilation` and padding = dilation.
+
+  `dot_weight_grad`: `conv.Conv` (the weight gradient as matrix products,
+  for XLA:CPU) instead of `nn.Conv`; the same variables either way.
+  """
   d = dilation if kernel == 3 else 1
   p = d * (kernel // 2)
+  if dot_weight_grad:
+    return conv_lib.Conv(features, (kernel, kernel), (stride, stride),
+                         padding=((p, p), (p, p)), kernel_dilation=(d, d),
+                         dtype=dtype, kernel_init=conv_init, name=name)
   return nn.Conv(features, (kernel, kernel), (stride, stride),
                  padding=[(p, p), (p, p)], kernel_dilation=(d, d),
                  use_bias=False, dtype=dtype, kernel_init=conv_init, name=name)
@@ -69,11 +79,13 @@ class BasicBlock(nn.Module):
   downsample: bool = False
   norm: Callable[..., nn.Module] = norm_lib.BatchNorm
   dtype: Any = jnp.float32
+  dot_weight_grad: bool = False  # see _conv
   expansion = 1
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(_conv, dilation=self.dilation, dtype=self.dtype)
+    conv = functools.partial(_conv, dilation=self.dilation, dtype=self.dtype,
+                             dot_weight_grad=self.dot_weight_grad)
     y = conv(self.planes, 3, self.stride, "conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y))
     y = conv(self.planes, 3, 1, "conv2")(y)
@@ -96,11 +108,13 @@ class Bottleneck(nn.Module):
   norm: Callable[..., nn.Module] = norm_lib.BatchNorm
   dtype: Any = jnp.float32
   stride_on: str = "1x1"
+  dot_weight_grad: bool = False  # see _conv
   expansion = 4
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(_conv, dilation=self.dilation, dtype=self.dtype)
+    conv = functools.partial(_conv, dilation=self.dilation, dtype=self.dtype,
+                             dot_weight_grad=self.dot_weight_grad)
     on_3x3 = self.stride_on == "3x3"
     y = conv(self.planes, 1, 1 if on_3x3 else self.stride, "conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y))
@@ -145,6 +159,9 @@ class ResNet(nn.Module):
       residual add/ReLU chain into every consumer, recomputing whole layers
       (quadratic in the block count); `plca_jax.xla` keeps the barrier
       through XLA:CPU's passes. Set on the CPU backend only.
+    dot_weight_grads: every conv's weight gradient as matrix products
+      (`conv.Conv`) instead of XLA's weight-gradient convolution, which
+      XLA:CPU runs slowly. Set on the CPU backend only.
     bn_groups: training-mode BatchNorm normalises G interleaved groups of
       the batch (row n in group n % G) each with its own statistics, so G
       domains can share one pass (`methods.base.forward_pair`).
@@ -162,6 +179,7 @@ class ResNet(nn.Module):
   # (torchvision weights); basic blocks stride their first 3x3 conv.
   stride_on: str = "1x1"
   bn_groups: int = 1  # see norm.BatchNorm.groups
+  dot_weight_grads: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -184,7 +202,8 @@ class ResNet(nn.Module):
         groups=self.bn_groups)
 
     x = x.astype(self.dtype)
-    x = _conv(self.width, 7, 2, "conv1", dilation=1, dtype=self.dtype)(x)
+    x = _conv(self.width, 7, 2, "conv1", dilation=1, dtype=self.dtype,
+              dot_weight_grad=self.dot_weight_grads)(x)
     x = nn.relu(norm(name="bn1")(x))
     x = max_pool_ceil(x)
 
@@ -205,7 +224,8 @@ class ResNet(nn.Module):
             stride=stride if first else 1,
             dilation=dilation,
             downsample=first and (stride != 1 or in_channels != out_channels),
-            norm=norm, dtype=self.dtype, **extra,
+            norm=norm, dtype=self.dtype,
+            dot_weight_grad=self.dot_weight_grads, **extra,
             name=f"layer{i + 1}_{b}")(x)
         if self.block_barrier:
           x = jax.lax.optimization_barrier(x)
