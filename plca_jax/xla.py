@@ -10,6 +10,9 @@ GPU or TPU, where XLA uses cuDNN / emits convolution gradients natively:
 - `lax.optimization_barrier` survives to the fusion passes (XLA:CPU's
   `cse_barrier_expander` removes it first), so the block outputs the model
   materialises (`ResNet.block_barrier`) stay materialised.
+The model's own CPU forms (weight gradients and the ASPP head as matrix
+products: `ResNet.dot_weight_grads`, `DeepLabV2.head_as_dot`) are chosen
+with the same test, `on_cpu()`, in `plca_jax.models.get_model`.
 """
 
 import ctypes

@@ -223,6 +223,17 @@ class CPUKernelsTest(parameterized.TestCase):
     np.testing.assert_allclose(ours.apply(a, x), flax_conv.apply(b, x),
                                rtol=1e-6)
 
+  @parameterized.parameters(18, 50)
+  def test_every_backbone_conv_takes_the_dot_weight_gradient(self, depth):
+    # R18 and R50 have 20 and 53 convolutions (stem, blocks, shortcuts).
+    model = models.DeepLabV2(num_classes=3, depth=depth, width=8,
+                             dot_weight_grads=True)
+    x = jnp.zeros((1, 17, 17, 3))
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x))(variables)
+    calls = [e for e in jaxpr.jaxpr.eqns if "custom_vjp" in e.primitive.name]
+    self.assertLen(calls, {18: 20, 50: 53}[depth])
+
   @parameterized.parameters((41, 41), (9, 13), (5, 30))
   def test_aspp_as_dot_equals_the_convolutions(self, h, w):
     # (9, 13) and (5, 30): the larger rates' off-centre taps fall entirely
@@ -248,7 +259,7 @@ class CPUKernelsTest(parameterized.TestCase):
     # outputs, parameter gradients and BatchNorm statistics are the plain
     # network's (float64: to rounding).
     config = default_config.get_config()
-    config.model.depth, config.model.width = 50, 8
+    config.model.depth, config.model.width = 18, 8
     built = models.get_model(config)
     self.assertEqual((built.head_as_dot, built.dot_weight_grads),
                      (xla.on_cpu(), xla.on_cpu()))
