@@ -20,6 +20,18 @@ def _abstract_variables(model, shape):
   return jax.eval_shape(lambda v: model.init(jax.random.key(0), v), x), x
 
 
+def _train_loss_and_grads(model, variables, x):
+  """((a loss of the train-mode outputs, new BatchNorm statistics),
+  parameter gradients)."""
+  def fn(params):
+    out, updates = model.apply(
+        {"params": params, "batch_stats": variables["batch_stats"]},
+        jnp.asarray(x), train=True, mutable=["batch_stats"])
+    value = jnp.sum(out["logits"] ** 2) + jnp.sum(out["features"])
+    return value, updates["batch_stats"]
+  return jax.value_and_grad(fn, has_aux=True)(variables["params"])
+
+
 def _count(tree):
   return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 
@@ -270,16 +282,8 @@ class CPUKernelsTest(parameterized.TestCase):
       fast = plain.clone(head_as_dot=True, dot_weight_grads=True)
       variables = plain.init(jax.random.key(0), jnp.asarray(x))
 
-      def loss(model):
-        def fn(params):
-          out, updates = model.apply(
-              {"params": params, "batch_stats": variables["batch_stats"]},
-              jnp.asarray(x), train=True, mutable=["batch_stats"])
-          value = jnp.sum(out["logits"] ** 2) + jnp.sum(out["features"])
-          return value, updates["batch_stats"]
-        return jax.value_and_grad(fn, has_aux=True)(variables["params"])
-      (v0, stats0), g0 = loss(plain)
-      (v1, stats1), g1 = loss(fast)
+      (v0, stats0), g0 = _train_loss_and_grads(plain, variables, x)
+      (v1, stats1), g1 = _train_loss_and_grads(fast, variables, x)
     np.testing.assert_allclose(v1, v0, rtol=1e-10)
     for a, b in zip(jax.tree.leaves((g1, stats1)),
                     jax.tree.leaves((g0, stats0))):
@@ -313,17 +317,8 @@ class RematTest(parameterized.TestCase):
     x = jax.random.normal(jax.random.key(1), (2, 33, 41, 3))
     variables = plain.init(jax.random.key(0), x)
 
-    def loss(model):
-      def fn(params):
-        out, updates = model.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]}, x,
-            train=True, mutable=["batch_stats"])
-        value = jnp.sum(out["logits"] ** 2) + jnp.sum(out["features"])
-        return value, updates["batch_stats"]
-      return jax.value_and_grad(fn, has_aux=True)(variables["params"])
-
-    (v0, stats0), g0 = loss(plain)
-    (v1, stats1), g1 = loss(remat)
+    (v0, stats0), g0 = _train_loss_and_grads(plain, variables, x)
+    (v1, stats1), g1 = _train_loss_and_grads(remat, variables, x)
     np.testing.assert_allclose(v1, v0, rtol=1e-6)
     for a, b in zip(jax.tree.leaves((g1, stats1)),
                     jax.tree.leaves((g0, stats0))):
