@@ -2,6 +2,7 @@
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,19 +165,24 @@ class DeepLabV2Test(parameterized.TestCase):
                           (1, 32, 32, 3))
 
 
+def _numpy_windows(x, kernel_size, stride, padding, dilation):
+  """{(i, j): the (N, H', W', C) input pixels kernel tap (i, j) reads},
+  plain NumPy on the padded input."""
+  xp = np.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  out_h = (xp.shape[1] - dilation * (kernel_size - 1) - 1) // stride + 1
+  out_w = (xp.shape[2] - dilation * (kernel_size - 1) - 1) // stride + 1
+  return {(i, j): xp[:, i * dilation:i * dilation + stride * (out_h - 1) + 1:
+                     stride,
+                     j * dilation:j * dilation + stride * (out_w - 1) + 1:
+                     stride]
+          for i in range(kernel_size) for j in range(kernel_size)}
+
+
 def _numpy_conv(x, w, stride, padding, dilation):
   """Plain float64 convolution, NHWC x HWIO, by explicit window sums."""
-  kh, kw, _, c_out = w.shape
-  xp = np.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  out_h = (xp.shape[1] - dilation * (kh - 1) - 1) // stride + 1
-  out_w = (xp.shape[2] - dilation * (kw - 1) - 1) // stride + 1
-  y = np.zeros((x.shape[0], out_h, out_w, c_out))
-  for i in range(kh):
-    for j in range(kw):
-      window = xp[:, i * dilation:i * dilation + stride * (out_h - 1) + 1:stride,
-                  j * dilation:j * dilation + stride * (out_w - 1) + 1:stride]
-      y += np.einsum("nhwc,co->nhwo", window, w[i, j])
-  return y
+  windows = _numpy_windows(x, w.shape[0], stride, padding, dilation)
+  return sum(np.einsum("nhwc,co->nhwo", window, w[i, j])
+             for (i, j), window in windows.items())
 
 
 class CPUKernelsTest(parameterized.TestCase):
@@ -200,14 +206,10 @@ class CPUKernelsTest(parameterized.TestCase):
     g = rng.normal(size=y_ref.shape)
     # dW[i, j] = (the input pixels tap (i, j) reads)^T g, summed over
     # images and output pixels.
-    xp = np.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    oh, ow = y_ref.shape[1:3]
     dw_ref = np.zeros_like(w)
-    for i in range(k):
-      for j in range(k):
-        window = xp[:, i * dilation:i * dilation + stride * (oh - 1) + 1:stride,
-                    j * dilation:j * dilation + stride * (ow - 1) + 1:stride]
-        dw_ref[i, j] = np.einsum("nhwa,nhwb->ab", window, g)
+    for (i, j), window in _numpy_windows(x, k, stride, padding,
+                                         dilation).items():
+      dw_ref[i, j] = np.einsum("nhwa,nhwb->ab", window, g)
     # dx through <dx, v> = sum(g * conv(v, w)) for a random direction v
     # (the convolution is linear in x).
     v = rng.normal(size=x.shape)
@@ -226,9 +228,9 @@ class CPUKernelsTest(parameterized.TestCase):
     x = jnp.ones((1, 10, 10, 4))
     ours = conv_lib.Conv(6, (3, 3), padding=((2, 2), (2, 2)),
                          kernel_dilation=(2, 2), kernel_init=resnet.conv_init)
-    flax_conv = resnet.nn.Conv(6, (3, 3), padding=[(2, 2), (2, 2)],
-                               kernel_dilation=(2, 2), use_bias=False,
-                               kernel_init=resnet.conv_init)
+    flax_conv = nn.Conv(6, (3, 3), padding=[(2, 2), (2, 2)],
+                        kernel_dilation=(2, 2), use_bias=False,
+                        kernel_init=resnet.conv_init)
     a, b = ours.init(jax.random.key(3), x), flax_conv.init(
         jax.random.key(3), x)
     jax.tree.map(np.testing.assert_array_equal, a, b)
