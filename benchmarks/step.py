@@ -114,6 +114,10 @@ def build_update(config, cpu_fixes, cpu_kernels=True):
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, key).compile()
   compile_s = time.perf_counter() - t0
+  # Progress on stderr (the table stays on stdout): on a GPU the compile
+  # and the first run (autotuning) can take minutes.
+  print(f"compiled in {compile_s:.1f} s; warming up", file=sys.stderr,
+        flush=True)
   holder = {"state": state}
 
   def run():
@@ -145,6 +149,14 @@ def time_update(config, steps, cpu_fixes, other=None, cpu_kernels=True):
       other()
       other_times.append(time.perf_counter() - t0)
   return compile_s, times, loss, other_times
+
+
+def device_peak_gib():
+  """The device's peak memory in use so far (GiB), where the backend reports
+  it (GPU, TPU: `memory_stats()["peak_bytes_in_use"]`); else None (CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2**30
 
 
 def main():
@@ -197,6 +209,10 @@ def main():
   if args.torch or "both" in (args.one_pass, args.cpu_kernels):
     header += (f" {against + ' median s':>18} {against + ' min s':>15} "
                f"{'ratio':>6}")
+  if device_peak_gib() is not None:
+    # The process's peak so far: run one term set per process to read it
+    # for that update alone.
+    header += f" {'device peak GiB':>15}"
   print(header)
   for terms in args.terms.split(","):
     config = make_config(args, terms)
@@ -224,6 +240,8 @@ def main():
       ratio = statistics.median(a / b for a, b in zip(times, other_times))
       line += (f" {statistics.median(other_times):18.2f} "
                f"{min(other_times):15.2f} {ratio:6.2f}")
+    if device_peak_gib() is not None:
+      line += f" {device_peak_gib():15.2f}"
     print(line, flush=True)
 
 

@@ -24,7 +24,6 @@ from plca_jax import metrics as metrics_lib
 from plca_jax import models
 from plca_jax import sharding
 from plca_jax import visualize
-from plca_jax import writers
 from plca_jax.data import input_pipeline
 from plca_jax.data import labels as labels_lib
 from plca_jax.data import transforms
@@ -196,6 +195,9 @@ def predict_checkpoint(config, workdir, model=None, method=None):
   --config.data.eval.require_labels=False` for the test split, which has no
   labels). Returns the number of images written.
   """
+  # Imported here: see train.train_and_evaluate (clu's writers import
+  # TensorFlow; the evaluation step itself does not need it).
+  from plca_jax import writers  # pylint: disable=g-import-not-at-top
   model = _eval_model(config, model, method)
   mesh = sharding.create_mesh()
   variables, step = _checkpoint_variables(config, workdir, model, mesh,

@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 from absl import logging
-from clu import periodic_actions
 import flax
 from flax.training import train_state
 import jax
@@ -33,7 +32,6 @@ from plca_jax import evaluate
 from plca_jax import methods
 from plca_jax import metrics as metrics_lib
 from plca_jax import sharding
-from plca_jax import writers
 from plca_jax import xla
 from plca_jax.data import input_pipeline
 from plca_jax.methods import base
@@ -332,6 +330,14 @@ def warn_protocol(config, method):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        *, evaluate_during_training=True):
   """Trains (resuming from WORKDIR/checkpoints) and evaluates; returns state."""
+  # Imported here, not at the top: clu's metric writers import TensorFlow,
+  # which only the loop's writing needs. Building the update
+  # (create_train_state, create_train_step) and benchmarks/ then run where
+  # TensorFlow is not installed (the GPU image of README "Accelerators").
+  # pylint: disable=g-import-not-at-top
+  from clu import periodic_actions
+  from plca_jax import writers
+  # pylint: enable=g-import-not-at-top
   xla.check_cpu_devices(config.train.cpu_devices)
   process_index, process_count = jax.process_index(), jax.process_count()
   mesh = sharding.create_mesh()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The accelerator figures of README "Performance" in one run: seconds per
+# update and the device's peak memory (benchmarks/step.py) at the release's
+# 321x321 and the paper's 730x730 crops, XLA's buffers (benchmarks/memory.py)
+# and the association benchmark. Each part runs under its own time limit
+# inside a whole-run budget (BUDGET_S, default 540 s), so that a slow compile
+# costs one figure, not the run; everything is printed and, with LOG set,
+# appended to that file.
+#
+#   bash benchmarks/accelerator.sh                  # on a GPU or TPU host
+#   BUDGET_S=900 LOG=/tmp/acc.log bash benchmarks/accelerator.sh
+set -u
+cd "$(dirname "$0")/.."
+BUDGET_S=${BUDGET_S:-540}
+LOG=${LOG:-/dev/null}
+START=$(date +%s)
+export PYTHONUNBUFFERED=1
+
+part() {  # part LIMIT_S COMMAND...
+  local limit=$1; shift
+  local left=$((BUDGET_S - ($(date +%s) - START)))
+  if ((left < 20)); then
+    echo "### skipped (budget spent): $*" | tee -a "$LOG"; return
+  fi
+  ((limit > left)) && limit=$left
+  echo "### [$(($(date +%s) - START)) s] $* (limit ${limit} s)" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|cuda_timer" | tee -a "$LOG"
+  echo "### exit ${PIPESTATUS[0]}" | tee -a "$LOG"
+}
+
+# First seen on an H200 (README "Performance"): with XLA's default
+# autotuning, the R18 129x129 update did not compile and run within 60 s
+# nor the R101 ones within 90-120 s; with XLA_FLAGS=--xla_gpu_autotune_level=0
+# the R101 321x321 update compiled in 32 s. Hence the generous limits, in
+# order of priority.
+part 30 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+part 240 python3 benchmarks/step.py --terms=ce,all --steps=10
+part 240 python3 benchmarks/step.py --crop=730 --remat=block --steps=5
+part 240 python3 benchmarks/step.py --crop=730 --remat=block --dtype=bfloat16 --steps=5
+part 240 python3 benchmarks/step.py --crop=730 --remat=none --steps=5
+part 240 python3 benchmarks/step.py --crop=730 --remat=block --batch=2 --steps=5
+part 120 python3 benchmarks/association.py --chunk_sizes=none,256
+part 400 python3 benchmarks/memory.py --dtypes=float32,bfloat16 --remats=block,none
+echo "### done in $(($(date +%s) - START)) s" | tee -a "$LOG"
