@@ -195,9 +195,6 @@ def predict_checkpoint(config, workdir, model=None, method=None):
   --config.data.eval.require_labels=False` for the test split, which has no
   labels). Returns the number of images written.
   """
-  # Imported here: see train.train_and_evaluate (clu's writers import
-  # TensorFlow; the evaluation step itself does not need it).
-  from plca_jax import writers  # pylint: disable=g-import-not-at-top
   model = _eval_model(config, model, method)
   mesh = sharding.create_mesh()
   variables, step = _checkpoint_variables(config, workdir, model, mesh,
@@ -237,6 +234,9 @@ def evaluate_checkpoint(config, workdir, model=None, method=None):
   `models.get_model(config)`).
   Writes eval/... metrics at the checkpoint's step and prints the table.
   """
+  # Imported here: see train.train_and_evaluate (clu's writers import
+  # TensorFlow; the evaluation step itself does not need it).
+  from plca_jax import writers  # pylint: disable=g-import-not-at-top
   model = _eval_model(config, model, method)
   mesh = sharding.create_mesh()
   variables, step = _checkpoint_variables(config, workdir, model, mesh,
