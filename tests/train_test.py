@@ -75,6 +75,27 @@ class OptimizerTest(absltest.TestCase):
     np.testing.assert_allclose(params["classifier"]["w"], p_head, rtol=1e-5)
 
 
+class NoTensorFlowTest(absltest.TestCase):
+
+  def test_update_and_benchmarks_import_without_tensorflow(self):
+    # The GPU image has no TensorFlow (README "Accelerators"): building the
+    # update and the benchmarks must not import it; only the loop's and
+    # the eval-only run's writers do.
+    code = ("import sys; sys.modules['tensorflow'] = None\n"
+            "from plca_jax import evaluate, methods, train\n"
+            "from benchmarks import association, memory, step\n"
+            "try:\n"
+            "  from plca_jax import writers\n"
+            "except ImportError:\n"
+            "  print('writers need tensorflow')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": REPO},
+                          capture_output=True, text=True, timeout=300)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    # The guard itself works: the writers do need it.
+    self.assertIn("writers need tensorflow", proc.stdout)
+
+
 class TrainAndEvaluateTest(absltest.TestCase):
 
   @pytest.mark.slow
