@@ -10,7 +10,7 @@
 #   bash benchmarks/accelerator.sh                  # on a GPU or TPU host
 #   BUDGET_S=900 LOG=/tmp/acc.log bash benchmarks/accelerator.sh
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 BUDGET_S=${BUDGET_S:-540}
 LOG=${LOG:-/dev/null}
 START=$(date +%s)

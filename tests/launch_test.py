@@ -9,7 +9,8 @@ import subprocess
 from absl.testing import absltest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("launch/tpu_vm.sh", "launch/gpu.sh", "launch/common.sh")
+SCRIPTS = ("launch/tpu_vm.sh", "launch/gpu.sh", "launch/common.sh",
+           "benchmarks/accelerator.sh")
 REPO_PLACEHOLDER = "/path/to/plca_jax"
 
 
