@@ -260,8 +260,8 @@ def _aggregate_bwd(metric, alpha, chunk_size, res, g):
 # x_j . dx^_j = x_j . acc_j - (sum_i w_ij dw_ij) / r_j, with the column sums
 # accumulated in the same pass. Rows a block shares with an earlier one (the
 # last block ends at the last row) are masked out of W, so every (i, j)
-# counts once; on the diagonal (k = m) the second side repeats the first and
-# is weighted 0.
+# counts once. A diagonal block (k = m) is its own transpose: one side,
+# 4 products (a separate scan).
 
 
 def _triangle_geometry(num_rows, chunk_size):
@@ -272,9 +272,10 @@ def _triangle_geometry(num_rows, chunk_size):
   fewer, larger products. Their size is balanced (a multiple of 8 above 8
   rows) so that the last block overlaps its predecessor by few rows.
   Measured for the aggregation's forward + backward at 92x92, C=2048,
-  chunk 256, in one process: 7.9 s with the row-by-row backward, 7.1 s with
-  256-row blocks, 6.5 s with 944-row blocks (TRIANGLE_BLOCKS = 4); blocks of
-  1696 rows (8) lose it again to the diagonal blocks' repeated half.
+  chunk 256, in one process, alternating (medians of 3): 8.37 s with the
+  row-by-row backward; 7.24 s with blocks of 2 chunks (~512 rows), 6.96 s
+  with 4 (944 rows, TRIANGLE_BLOCKS), 6.94 s with 8 (1696 rows; its XLA
+  temporaries 170 MB).
   """
   if chunk_size is None:
     return _chunk_geometry(num_rows, None)
@@ -297,7 +298,6 @@ def _aggregate_bwd_cos(alpha, chunk_size, x, out, stats, g):
   # (L, C) broadcast of it, alive from the start of the program.
   rho = (jnp.sum(gf * out.astype(xf.dtype), -1) -
          (1.0 - alpha) * jnp.sum(gf * xf, -1))
-  pairs = jnp.stack(jnp.triu_indices(num_blocks), axis=-1)  # (P, 2), k <= m
 
   def side(b):
     start, fresh = _row_block(b, block, n)
@@ -313,29 +313,43 @@ def _aggregate_bwd_cos(alpha, chunk_size, x, out, stats, g):
     w = jnp.where(mask, jnp.exp((d - mean_b) / scale_b - lse_b), 0.0)
     return w, dw, w * (dw - rho_b) / scale_b
 
-  def body(carry, km):
+  def pair(carry, km):
+    """Blocks (k, m) and (m, k), k < m."""
     acc, wdw = carry
-    k, m = km[0], km[1]
-    sk, fk, xk, rk, xhk, gk, stats_k = side(k)
-    sm, fm, xm, rm, xhm, gm, stats_m = side(m)
+    sk, fk, xk, rk, xhk, gk, stats_k = side(km[0])
+    sm, fm, xm, rm, xhm, gm, stats_m = side(km[1])
     top = jnp.concatenate([xhk, gk], axis=0) @ xm.T  # (2R, R)
     d_km = top[:block] * rm[None, :]  # x^_k x^_m^T
     mask = fk[:, None] & fm[None, :]
     w_km, dw_km, dd_km = scores((d_km, top[block:]), stats_k, mask)
     w_mk, dw_mk, dd_mk = scores((d_km.T, gm @ xk.T), stats_m, mask.T)
     e = dd_km + dd_mk.T
-    off = (k != m).astype(xf.dtype)
     to_k = jnp.concatenate([e, w_mk.T / rk[:, None]], axis=1) @ (
         jnp.concatenate([xhm, gm], axis=0))
     to_m = jnp.concatenate([e.T, w_km.T / rm[:, None]], axis=1) @ (
         jnp.concatenate([xhk, gk], axis=0))
-    acc = _add_at(_add_at(acc, sk, to_k), sm, off * to_m)
+    acc = _add_at(_add_at(acc, sk, to_k), sm, to_m)
     wdw = _add_at(_add_at(wdw, sm, jnp.sum(w_km * dw_km, 0)), sk,
-                  off * jnp.sum(w_mk * dw_mk, 0))
+                  jnp.sum(w_mk * dw_mk, 0))
     return (acc, wdw), None
 
-  (acc, wdw), _ = jax.lax.scan(
-      body, (jnp.zeros_like(xf), jnp.zeros((n,), xf.dtype)), pairs)
+  def diagonal(carry, k):
+    """Block (k, k): one side, 4 (R x R x C) products."""
+    acc, wdw = carry
+    sk, fk, xk, rk, xhk, gk, stats_k = side(k)
+    top = jnp.concatenate([xhk, gk], axis=0) @ xk.T  # (2R, R)
+    w, dw, dd = scores((top[:block] * rk[None, :], top[block:]), stats_k,
+                       fk[:, None] & fk[None, :])
+    to_k = jnp.concatenate([dd + dd.T, w.T / rk[:, None]], axis=1) @ (
+        jnp.concatenate([xhk, gk], axis=0))
+    return (_add_at(acc, sk, to_k), _add_at(wdw, sk, jnp.sum(w * dw, 0))), None
+
+  carry = (jnp.zeros_like(xf), jnp.zeros((n,), xf.dtype))
+  carry, _ = jax.lax.scan(diagonal, carry, jnp.arange(num_blocks))
+  if num_blocks > 1:
+    pairs = jnp.stack(jnp.triu_indices(num_blocks, k=1), axis=-1)  # k < m
+    carry, _ = jax.lax.scan(pair, carry, pairs)
+  acc, wdw = carry
   # dx = (1 - a) g + W^T g + r (dx^ - (x^ . dx^) x^), the projection only
   # where |x| > 1e-12 (r is constant below).
   x_dxhat = jnp.sum(xf * acc, -1) - wdw / r
