@@ -34,7 +34,7 @@ part() {  # part LIMIT_S COMMAND...
 # the R101 321x321 update compiled in 32 s. Hence the generous limits, in
 # order of priority.
 part 30 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-part 240 python3 benchmarks/step.py --terms=ce,all --steps=10
+part 300 python3 benchmarks/step.py --terms=ce,all --steps=5 --profile=40
 part 240 python3 benchmarks/step.py --crop=730 --remat=block --steps=5
 part 240 python3 benchmarks/step.py --crop=730 --remat=block --dtype=bfloat16 --steps=5
 part 240 python3 benchmarks/step.py --crop=730 --remat=none --steps=5

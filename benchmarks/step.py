@@ -30,6 +30,7 @@ makes figures from separate runs hard to compare.
     python benchmarks/step.py --depth=18 --crop=730 --dtype=bfloat16
     python benchmarks/step.py --terms=ce,all --torch --steps=5
     python benchmarks/step.py --cpu_kernels=both --steps=6
+    python benchmarks/step.py --steps=2 --profile=30   # + one traced update
 """
 
 import argparse
@@ -131,7 +132,7 @@ def build_update(config, cpu_fixes, cpu_kernels=True):
 def time_update(config, steps, cpu_fixes, other=None, cpu_kernels=True):
   """Compile seconds, seconds per update, final loss; with `other` (a
   callable running one update of something else) also its seconds, timed
-  alternately with this update's."""
+  alternately with this update's; and the callable running one update."""
   compile_s, run = build_update(config, cpu_fixes, cpu_kernels)
   if other is not None:
     other()  # warm-up
@@ -148,7 +149,39 @@ def time_update(config, steps, cpu_fixes, other=None, cpu_kernels=True):
       t0 = time.perf_counter()
       other()
       other_times.append(time.perf_counter() - t0)
-  return compile_s, times, loss, other_times
+  return compile_s, times, loss, other_times, run
+
+
+def profile_update(run, top, trace_dir):
+  """Records one update with jax.profiler into `trace_dir` and prints the
+  `top` events by total time (on a GPU: the kernels, from CUPTI; on the
+  CPU: the thunks XLA traces), with their process (host or device)."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  with jax.profiler.trace(trace_dir):
+    run()
+  paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"),
+                    recursive=True)
+  if not paths:
+    print(f"no trace file under {trace_dir}")
+    return
+  with gzip.open(max(paths, key=os.path.getmtime)) as f:
+    trace = json.load(f)
+  process = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+  total, count = collections.Counter(), collections.Counter()
+  for e in trace["traceEvents"]:
+    # "$file:line function" events are the Python tracer's: left out.
+    if e.get("ph") == "X" and "dur" in e and not e["name"].startswith("$"):
+      key = (process.get(e.get("pid"), "?"), e["name"])
+      total[key] += e["dur"]
+      count[key] += 1
+  print(f"one update's trace ({trace_dir}), the {top} longest events:")
+  for (proc, name), us in total.most_common(top):
+    print(f"{us / 1e6:9.3f} s {count[(proc, name)]:6d}x  {proc[:24]:24} "
+          f"{name[:90]}")
 
 
 def device_peak_gib():
@@ -186,6 +219,12 @@ def main():
                       help="keep: glibc keeps freed memory for reuse, as "
                       "plca_jax.main sets it (plca_jax.xla."
                       "keep_freed_host_memory); default: glibc's own")
+  parser.add_argument("--profile", type=int, default=0,
+                      help="after timing, trace one more update of the "
+                      "last term set and print this many of its longest "
+                      "events (0: none)")
+  parser.add_argument("--trace_dir", default="/tmp/plca_step_trace",
+                      help="where --profile writes the trace")
   parser.add_argument("--torch", action="store_true",
                       help="alternate with the same update in PyTorch "
                       "(terms ce and all)")
@@ -230,7 +269,7 @@ def main():
       other = torch_network.make_update(
           args.depth, args.crop, args.batch, config.model.num_classes,
           **TORCH_TERMS[terms])
-    compile_s, times, loss, other_times = time_update(
+    compile_s, times, loss, other_times, run = time_update(
         config, args.steps, args.cpu_fixes == "on", other,
         args.cpu_kernels != "off")
     line = (f"{terms:>7} {compile_s:10.1f} {statistics.median(times):9.2f} "
@@ -243,6 +282,8 @@ def main():
     if device_peak_gib() is not None:
       line += f" {device_peak_gib():15.2f}"
     print(line, flush=True)
+  if args.profile:
+    profile_update(run, args.profile, args.trace_dir)
 
 
 if __name__ == "__main__":
