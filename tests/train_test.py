@@ -96,6 +96,33 @@ class NoTensorFlowTest(absltest.TestCase):
     self.assertIn("writers need tensorflow", proc.stdout)
 
 
+class StepBenchmarkTest(absltest.TestCase):
+
+  @pytest.mark.slow
+  def test_step_benchmark_times_and_profiles_a_small_update(self):
+    # benchmarks/step.py builds the update as training does: it must stay
+    # runnable (README "Memory and speed"), --profile included.
+    trace_dir = self.create_tempdir().full_path
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/step.py", "--depth=18", "--crop=33",
+         "--steps=1", "--profile=4", f"--trace_dir={trace_dir}"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True, text=True, timeout=600)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    rows = [l.split() for l in proc.stdout.splitlines()
+            if l.split()[:1] == ["all"]]
+    self.assertLen(rows, 1, proc.stdout)
+    compile_s, median_s, min_s, loss = map(float, rows[0][1:5])
+    self.assertGreater(compile_s, 0.0)
+    self.assertGreater(median_s, 0.0)
+    self.assertLessEqual(min_s, median_s)
+    self.assertTrue(np.isfinite(loss), proc.stdout)
+    events = proc.stdout.split("longest events:")[-1].strip().splitlines()
+    self.assertLen(events, 4, proc.stdout)
+    self.assertTrue(all(re.match(r"\s*[\d.]+ s\s+\d+x", e) for e in events),
+                    events)
+
+
 class TrainAndEvaluateTest(absltest.TestCase):
 
   @pytest.mark.slow
