@@ -189,8 +189,9 @@ def _similarity_rows(a_r, c_r, v, rb):
 # Spatial aggregation (eq. 7-8) of one image as one custom VJP. The forward
 # keeps its input (for `cos` its output too) and, per row, the constants of
 # the row softmax (mean, scale, log-sum-exp); the backward recomputes each
-# block of similarities once and forms every gradient with matrix products: 2 (L x L x C)
-# products forward, 3.5 backward for `cos` (below), 5 for `kl`. (Autodiff
+# block of similarities once and forms every gradient with matrix
+# products: 2 (L x L x C) products forward, 3.5 backward for `cos` (below),
+# 5 for `kl`. (Autodiff
 # through a rematerialised chunk also recomputed W x and kept the softmax's
 # intermediates.)
 
@@ -244,9 +245,9 @@ def _aggregate_bwd(metric, alpha, chunk_size, res, g):
 # For `cos` both operands are x^ = diag(r) x and D = x^ x^T is symmetric,
 # so the backward walks the blocks (k, m), k <= m, of the upper triangle of
 # D (blocks of R rows, _triangle_geometry) and forms both D_km and
-# D_mk = D_km^T from one product. With dw_ij = dL/dw_ij = alpha g_i . x_j and the row
-# sums rho_i = sum_j w_ij dw_ij = g_i . (out_i - (1 - alpha) x_i) (closed
-# form, from the output kept by the forward), dd = dL/dD has
+# D_mk = D_km^T from one product. With dw_ij = dL/dw_ij = alpha g_i . x_j
+# and the row sums rho_i = sum_j w_ij dw_ij = g_i . (out_i - (1 - alpha) x_i)
+# (closed form, from the output kept by the forward), dd = dL/dD has
 #   dd_ij = w_ij (dw_ij - rho_i) / scale_i,
 # and the gradient w.r.t. x^ is E x^ with E = dd + dd^T, which is again
 # symmetric: block (k, m) gives E_km x^_m to rows k and E_km^T x^_k to rows
@@ -300,34 +301,33 @@ def _aggregate_bwd_cos(alpha, chunk_size, x, out, stats, g):
          (1.0 - alpha) * jnp.sum(gf * xf, -1))
 
   def side(b):
+    """Block b's rows: start, fresh, x, r, [x^; alpha g] (2R, C), stats."""
     start, fresh = _row_block(b, block, n)
     x_b, r_b, g_b, mean_b, scale_b, lse_b, rho_b = (
         _rows(y, start, block) for y in (xf, r, gf, mean, scale, lse, rho))
-    return (start, fresh, x_b, r_b, x_b * r_b[:, None], alpha * g_b,
-            (mean_b, scale_b, lse_b, rho_b))
+    stacked = jnp.concatenate([x_b * r_b[:, None], alpha * g_b], axis=0)
+    return start, fresh, x_b, r_b, stacked, (mean_b, scale_b, lse_b, rho_b)
 
-  def scores(dots, stats_b, mask):
+  def scores(d, dw, stats_b, mask):
     """W and dd of a block of D from its rows' statistics."""
     mean_b, scale_b, lse_b, rho_b = (y[:, None] for y in stats_b)
-    d, dw = dots
     w = jnp.where(mask, jnp.exp((d - mean_b) / scale_b - lse_b), 0.0)
-    return w, dw, w * (dw - rho_b) / scale_b
+    return w, w * (dw - rho_b) / scale_b
 
   def pair(carry, km):
     """Blocks (k, m) and (m, k), k < m."""
     acc, wdw = carry
-    sk, fk, xk, rk, xhk, gk, stats_k = side(km[0])
-    sm, fm, xm, rm, xhm, gm, stats_m = side(km[1])
-    top = jnp.concatenate([xhk, gk], axis=0) @ xm.T  # (2R, R)
-    d_km = top[:block] * rm[None, :]  # x^_k x^_m^T
+    sk, fk, xk, rk, stacked_k, stats_k = side(km[0])
+    sm, fm, xm, rm, stacked_m, stats_m = side(km[1])
+    top = stacked_k @ xm.T  # (2R, R)
+    d_km, dw_km = top[:block] * rm[None, :], top[block:]  # x^_k x^_m^T
+    dw_mk = stacked_m[block:] @ xk.T  # alpha g_m x_k^T
     mask = fk[:, None] & fm[None, :]
-    w_km, dw_km, dd_km = scores((d_km, top[block:]), stats_k, mask)
-    w_mk, dw_mk, dd_mk = scores((d_km.T, gm @ xk.T), stats_m, mask.T)
+    w_km, dd_km = scores(d_km, dw_km, stats_k, mask)
+    w_mk, dd_mk = scores(d_km.T, dw_mk, stats_m, mask.T)
     e = dd_km + dd_mk.T
-    to_k = jnp.concatenate([e, w_mk.T / rk[:, None]], axis=1) @ (
-        jnp.concatenate([xhm, gm], axis=0))
-    to_m = jnp.concatenate([e.T, w_km.T / rm[:, None]], axis=1) @ (
-        jnp.concatenate([xhk, gk], axis=0))
+    to_k = jnp.concatenate([e, w_mk.T / rk[:, None]], axis=1) @ stacked_m
+    to_m = jnp.concatenate([e.T, w_km.T / rm[:, None]], axis=1) @ stacked_k
     acc = _add_at(_add_at(acc, sk, to_k), sm, to_m)
     wdw = _add_at(_add_at(wdw, sm, jnp.sum(w_km * dw_km, 0)), sk,
                   jnp.sum(w_mk * dw_mk, 0))
@@ -336,12 +336,12 @@ def _aggregate_bwd_cos(alpha, chunk_size, x, out, stats, g):
   def diagonal(carry, k):
     """Block (k, k): one side, 4 (R x R x C) products."""
     acc, wdw = carry
-    sk, fk, xk, rk, xhk, gk, stats_k = side(k)
-    top = jnp.concatenate([xhk, gk], axis=0) @ xk.T  # (2R, R)
-    w, dw, dd = scores((top[:block] * rk[None, :], top[block:]), stats_k,
-                       fk[:, None] & fk[None, :])
-    to_k = jnp.concatenate([dd + dd.T, w.T / rk[:, None]], axis=1) @ (
-        jnp.concatenate([xhk, gk], axis=0))
+    sk, fk, xk, rk, stacked_k, stats_k = side(k)
+    top = stacked_k @ xk.T  # (2R, R)
+    dw = top[block:]
+    w, dd = scores(top[:block] * rk[None, :], dw, stats_k,
+                   fk[:, None] & fk[None, :])
+    to_k = jnp.concatenate([dd + dd.T, w.T / rk[:, None]], axis=1) @ stacked_k
     return (_add_at(acc, sk, to_k), _add_at(wdw, sk, jnp.sum(w * dw, 0))), None
 
   carry = (jnp.zeros_like(xf), jnp.zeros((n,), xf.dtype))
