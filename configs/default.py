@@ -259,8 +259,14 @@ def get_config():
   config.loss.ignore_label = 255
   # Similarity rows alive at once in the association (None: all). 256 keeps
   # a 730x730 image pair at ~1.2 GB of buffers instead of ~6.6 GB, and is
-  # no slower (benchmarks/association.py, README "Performance").
+  # no slower (benchmarks/association.py, README "Memory and speed").
   config.loss.chunk_size = 256
+  # ... for images of more grid pixels than this (730x730: 8464); smaller
+  # ones run unchunked, where the whole (L x L) matrices are small and one
+  # chunk is faster: at 321x321 (1681 pixels) 0.35 s less per R101 update;
+  # the association alone is as fast either way at 48x48 and 10% slower
+  # unchunked at 64x64 (README "The update against PyTorch").
+  config.loss.chunk_above_pixels = 2048
 
   # The other methods' blocks, declared by their modules.
   for name, block in methods.default_configs().items():

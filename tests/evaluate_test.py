@@ -83,6 +83,7 @@ class EvaluationPathTest(absltest.TestCase):
     config.model.num_classes = num_classes
     config.eval.aggregate = aggregate
     config.loss.chunk_size = 7
+    config.loss.chunk_above_pixels = 0  # chunked although the maps are small
     features = rng.normal(size=(3, 4, 5))
     head = rng.normal(size=(5, num_classes)) * 2
     model = HandBuilt(features, head)

@@ -1,6 +1,7 @@
 """Tests of CE, Lovasz-softmax, LSR, resampling and the total objective."""
 
 import functools
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -276,6 +277,7 @@ class ObjectiveTest(parameterized.TestCase):
     config.loss.use_cass = False
     config.loss.lovasz_weight = 0.75
     config.loss.chunk_size = 5
+    config.loss.chunk_above_pixels = 0  # chunked although the images are small
     total, terms = losses.total_loss(config, src, tgt, labels)
     expected, expected_terms = losses.plca_objective(
         src, tgt, labels, use_cass=False, lovasz_weight=0.75)
@@ -286,6 +288,7 @@ class ObjectiveTest(parameterized.TestCase):
     # the release's effective weight on its 2-GPU launch).
     paper = synthia_config.get_config()
     paper.loss.chunk_size = 5
+    paper.loss.chunk_above_pixels = 0
     total, terms = losses.total_loss(paper, src, tgt, labels)
     c = paper.loss
     self.assertEqual(c.lovasz_weight, 3.0)
@@ -294,6 +297,29 @@ class ObjectiveTest(parameterized.TestCase):
         c.association_weight * (terms["fass"] + terms["cass"]) +
         c.lsr_weight * (terms["lsr_source"] + terms["lsr_target"]),
         rtol=1e-6)
+
+  def test_small_images_run_the_association_unchunked(self):
+    src, tgt, labels = self._inputs()  # 3 x 4 = 12 grid pixels
+    src, tgt = (jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), o)
+                for o in (src, tgt))
+    config = default_config.get_config()
+    config.loss.chunk_size = 5
+    seen = {}
+    for above in (12, 11, 0):
+      config.loss.chunk_above_pixels = above
+      with mock.patch.object(losses, "cycle_association",
+                             wraps=losses.cycle_association) as spy:
+        total, _ = losses.total_loss(config, src, tgt, labels)
+      self.assertLen(spy.call_args_list, 2)  # fass and cass
+      seen[above] = {c.kwargs["chunk_size"] for c in spy.call_args_list}
+      seen[f"{above}_total"] = float(total)
+    self.assertEqual(seen[12], {None})  # 12 pixels: not more than 12
+    self.assertEqual(seen[11], {5})
+    self.assertEqual(seen[0], {5})
+    self.assertAlmostEqual(seen["12_total"], seen["11_total"], places=5)
+    self.assertEqual(losses.chunk_for(8464, 256, 4096), 256)  # 730x730
+    self.assertIsNone(losses.chunk_for(1681, 256, 4096))  # 321x321
+    self.assertIsNone(losses.chunk_for(8464, None, 0))
 
   def test_gradients_are_finite_under_jit(self):
     src, tgt, labels = self._inputs()

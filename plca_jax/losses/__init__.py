@@ -7,6 +7,7 @@ from plca_jax.losses.association import association_confusion
 from plca_jax.losses.association import association_loss
 from plca_jax.losses.association import association_statistics
 from plca_jax.losses.association import at_least_f32
+from plca_jax.losses.association import chunk_for
 from plca_jax.losses.association import contrast_normalize
 from plca_jax.losses.association import cycle_association
 from plca_jax.losses.association import spatial_aggregate
@@ -18,7 +19,7 @@ from plca_jax.losses.segmentation import upsample_bilinear
 
 __all__ = [
     "association_confusion", "association_loss", "association_statistics",
-    "contrast_normalize", "cross_entropy", "cycle_association",
+    "chunk_for", "contrast_normalize", "cross_entropy", "cycle_association",
     "downsample_labels", "lovasz_softmax", "lsr_loss", "plca_objective",
     "spatial_aggregate", "total_loss", "upsample_bilinear",
 ]
@@ -29,7 +30,8 @@ def plca_objective(source_outputs, target_outputs, source_labels, *,
                    use_lsr=True, aggregate_target=True, sim_plca=False,
                    lovasz_weight=1.5, association_weight=0.1,
                    lsr_weight=0.01, alpha=0.5, lsr_lambda=10.0,
-                   ignore_label=255, chunk_size=None, target_labels=None):
+                   ignore_label=255, chunk_size=None, chunk_above_pixels=0,
+                   target_labels=None):
   """Total PLCA loss of one source and one target micro-batch.
 
   total = ce + lovasz_weight * lovasz + association_weight * (fass + cass)
@@ -48,7 +50,9 @@ def plca_objective(source_outputs, target_outputs, source_labels, *,
     target_outputs: the same for the target images (a separate forward pass).
     source_labels: (N, H, W) int source labels at image resolution.
     (the rest): switches and weights as above; `chunk_size` bounds the
-      similarity rows alive at once in the association.
+      similarity rows alive at once in the association, for images of more
+      than `chunk_above_pixels` grid pixels (smaller ones run unchunked:
+      `chunk_for`).
     target_labels: optional (N, H', W') int target labels, for the
       "*_correct" diagnostics only: no loss term reads them (tested).
 
@@ -85,9 +89,11 @@ def plca_objective(source_outputs, target_outputs, source_labels, *,
        jax.nn.softmax(logits_t, axis=-1))):
     if not enabled:
       continue
+    pixels = max(s.shape[1] * s.shape[2], t.shape[1] * t.shape[2])
     assoc = cycle_association(
         s, t, grid_labels, metric, aggregate_target=aggregate_target,
-        alpha=alpha, ignore_label=ignore_label, chunk_size=chunk_size,
+        alpha=alpha, ignore_label=ignore_label,
+        chunk_size=chunk_for(pixels, chunk_size, chunk_above_pixels),
         sim_plca=sim_plca)
     terms[name] = assoc["mean_loss"]
     total += association_weight * terms[name]
@@ -114,4 +120,5 @@ def total_loss(config, source_outputs, target_outputs, source_labels,
       sim_plca=c.sim_plca, lovasz_weight=c.lovasz_weight,
       association_weight=c.association_weight, lsr_weight=c.lsr_weight,
       alpha=c.alpha, lsr_lambda=c.lsr_lambda, ignore_label=c.ignore_label,
-      chunk_size=c.chunk_size, target_labels=target_labels)
+      chunk_size=c.chunk_size, chunk_above_pixels=c.chunk_above_pixels,
+      target_labels=target_labels)

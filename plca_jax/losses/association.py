@@ -57,6 +57,17 @@ def contrast_normalize(d):
   return jax.nn.softmax((d - mean) / (std + STD_EPS), axis=-1)
 
 
+def chunk_for(num_pixels, chunk_size, chunk_above_pixels=0):
+  """The chunk size to run an association of `num_pixels`-pixel images with.
+
+  `chunk_size` (None: unchunked) where an image has more than
+  `chunk_above_pixels` pixels on its grid, else None: below that, the whole
+  (L x L) matrices are small and one chunk is faster (`config.loss.
+  chunk_above_pixels`; measured in README "The update against PyTorch").
+  """
+  return chunk_size if num_pixels > chunk_above_pixels else None
+
+
 def _chunk_geometry(num_rows, chunk_size):
   """(rows per chunk, number of chunks) for `num_rows` rows."""
   chunk = num_rows if chunk_size is None else min(chunk_size, num_rows)
