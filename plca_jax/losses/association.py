@@ -109,6 +109,14 @@ def _add_at(acc, start, rows):
   return jax.lax.dynamic_update_slice_in_dim(acc, old + rows, start, 0)
 
 
+def _mean_scale(d, axis):
+  """Mean and unbiased std + 1e-10 of d along `axis` (kept as size 1)."""
+  mean = jnp.mean(d, axis=axis, keepdims=True)
+  var = jnp.sum(jnp.square(d - mean), axis=axis, keepdims=True) / (
+      d.shape[axis] - 1)
+  return mean, jnp.sqrt(var) + STD_EPS
+
+
 def _row_stats(d, normalize):
   """Constants of the row softmax of similarity rows d (R, L).
 
@@ -118,10 +126,7 @@ def _row_stats(d, normalize):
   stop-gradient quantities, SPEC.md s. 2), mean 0 and scale 1 otherwise.
   """
   if normalize:
-    mean = jnp.mean(d, axis=-1, keepdims=True)
-    var = jnp.sum(jnp.square(d - mean), axis=-1, keepdims=True) / (
-        d.shape[-1] - 1)
-    scale = jnp.sqrt(var) + STD_EPS
+    mean, scale = _mean_scale(d, -1)
   else:
     mean, scale = jnp.zeros_like(d[:, :1]), jnp.ones_like(d[:, :1])
   lse = jax.nn.logsumexp((d - mean) / scale, axis=-1, keepdims=True)
@@ -208,30 +213,36 @@ def _similarity_rows(a_r, c_r, v, rb):
 
 
 def _aggregate_rows(x, metric, alpha, chunk_size):
-  """x (L, C) -> (output (L, C) float32+, row statistics (mean, scale, lse))."""
+  """x (L, C) -> (output (L, C) float32+, row statistics (mean, scale, lse),
+  the whole D (L, L) where it is one chunk, else None)."""
   xf = at_least_f32(x)
   u, ra, c, v, rb = _scaled_operands(xf, metric)
   n = xf.shape[0]
   chunk, num_chunks = _chunk_geometry(n, chunk_size)
 
-  def body(carry, k):
-    out, mean, scale, lse = carry
-    start, fresh = _row_block(k, chunk, n)
+  def chunk_rows(start):
     u_r, ra_r, c_r, x_r = (_rows(y, start, chunk) for y in (u, ra, c, xf))
     d = _similarity_rows(u_r * ra_r[:, None], c_r, v, rb)
     m, sc, l = _row_stats(d, metric == "cos")
     w = jnp.exp((d - m) / sc - l)
-    rows = (1.0 - alpha) * x_r + alpha * (w @ xf)
+    return (1.0 - alpha) * x_r + alpha * (w @ xf), (m, sc, l), d
+
+  if num_chunks == 1:  # the whole D, also returned
+    out, stats, d = chunk_rows(0)
+    return out, stats, d
+
+  def body(carry, k):
+    out, stats = carry
+    start, fresh = _row_block(k, chunk, n)
+    rows, row_stats, _ = chunk_rows(start)
     return (_put_rows(out, start, rows, fresh),
-            _put_rows(mean, start, m, fresh),
-            _put_rows(scale, start, sc, fresh),
-            _put_rows(lse, start, l, fresh)), None
+            tuple(_put_rows(acc, start, y, fresh)
+                  for acc, y in zip(stats, row_stats))), None
 
   column = jnp.zeros((n, 1), xf.dtype)
-  (out, *stats), _ = jax.lax.scan(
-      body, (jnp.zeros_like(xf), column, column, column),
-      jnp.arange(num_chunks))
-  return out, tuple(stats)
+  (out, stats), _ = jax.lax.scan(
+      body, (jnp.zeros_like(xf), (column,) * 3), jnp.arange(num_chunks))
+  return out, stats, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -240,16 +251,20 @@ def _aggregate_single(x, metric, alpha, chunk_size):
 
 
 def _aggregate_fwd(x, metric, alpha, chunk_size):
-  out, stats = _aggregate_rows(x, metric, alpha, chunk_size)
+  out, stats, d = _aggregate_rows(x, metric, alpha, chunk_size)
   # x in its own dtype (bfloat16 stays bfloat16); `cos` also keeps the
-  # output, from which its backward reads the rows' sum_j w_ij dw_ij.
-  return out, (x, out if metric == "cos" else None, stats)
+  # output, from which its backward reads the rows' sum_j w_ij dw_ij, and,
+  # where D is one chunk (small images), D itself: its backward then forms
+  # 3 (L x L x C) products instead of 4.
+  if metric != "cos":
+    return out, (x, None, stats, None)
+  return out, (x, out, stats, d)
 
 
 def _aggregate_bwd(metric, alpha, chunk_size, res, g):
-  x, out, stats = res
+  x, out, stats, d = res
   if metric == "cos":
-    return (_aggregate_bwd_cos(alpha, chunk_size, x, out, stats, g),)
+    return (_aggregate_bwd_cos(alpha, chunk_size, x, out, stats, g, d),)
   return (_aggregate_bwd_kl(alpha, chunk_size, x, stats, g),)
 
 
@@ -298,14 +313,17 @@ def _triangle_geometry(num_rows, chunk_size):
   return _chunk_geometry(num_rows, min(block, num_rows))
 
 
-def _aggregate_bwd_cos(alpha, chunk_size, x, out, stats, g):
-  """Gradient w.r.t. x (L, C) of the `cos` aggregation, cotangent g."""
+def _aggregate_bwd_cos(alpha, chunk_size, x, out, stats, g, d=None):
+  """Gradient w.r.t. x (L, C) of the `cos` aggregation, cotangent g; `d`,
+  the forward's whole D where it was one chunk, else None."""
   mean, scale, lse = (y[:, 0] for y in stats)
   xf = at_least_f32(x)
   gf = g.astype(xf.dtype)
   sq, r = _sq_norm_and_inverse(xf)
   n = xf.shape[0]
   block, num_blocks = _triangle_geometry(n, chunk_size)
+  if d is not None and num_blocks != 1:
+    raise ValueError(f"D given for {num_blocks} blocks; expected one")
   # Two plain reductions: a scalar inside one made XLA:CPU materialise an
   # (L, C) broadcast of it, alive from the start of the program.
   rho = (jnp.sum(gf * out.astype(xf.dtype), -1) -
@@ -348,10 +366,12 @@ def _aggregate_bwd_cos(alpha, chunk_size, x, out, stats, g):
     """Block (k, k): one side, 4 (R x R x C) products."""
     acc, wdw = carry
     sk, fk, xk, rk, stacked_k, stats_k = side(k)
-    top = stacked_k @ xk.T  # (2R, R)
-    dw = top[block:]
-    w, dd = scores(top[:block] * rk[None, :], dw, stats_k,
-                   fk[:, None] & fk[None, :])
+    if d is None:
+      top = stacked_k @ xk.T  # (2R, R)
+      d_kk, dw = top[:block] * rk[None, :], top[block:]
+    else:  # one block: D is the forward's
+      d_kk, dw = d, stacked_k[block:] @ xk.T
+    w, dd = scores(d_kk, dw, stats_k, fk[:, None] & fk[None, :])
     to_k = jnp.concatenate([dd + dd.T, w.T / rk[:, None]], axis=1) @ stacked_k
     return (_add_at(acc, sk, to_k), _add_at(wdw, sk, jnp.sum(w * dw, 0))), None
 
@@ -516,14 +536,23 @@ def _cos_cycle_rows(s, t, labels, ignore_label, chunk_size, sim_plca,
   valid = labels != ignore_label
   ns, nt = sf.shape[0], tf.shape[0]
   chunk, num_chunks = _chunk_geometry(ns, chunk_size)
-  if sim_plca:
-    col_mean, col_scale = jnp.zeros((nt,), dtype), jnp.ones((nt,), dtype)
-  else:
-    col_mean, col_scale = _cos_column_stats(sf, rs, tf, rt, chunk_size)
 
   def d_rows(start):
     a_r = _rows(sf, start, chunk) * _rows(rs, start, chunk)[:, None]
     return a_r, (a_r @ tf.T) * rt[None, :]  # D_st rows, (R, Lt)
+
+  if num_chunks == 1:
+    # One chunk: D_st is formed once and read by both sweeps, and its
+    # column statistics come straight from it (3 products, not 6.4 at
+    # 41x41, C = 2048).
+    dense = d_rows(0)
+    d_rows = lambda start: dense  # pylint: disable=function-redefined
+  if sim_plca:
+    col_mean, col_scale = jnp.zeros((nt,), dtype), jnp.ones((nt,), dtype)
+  elif num_chunks == 1:
+    col_mean, col_scale = (y[0] for y in _mean_scale(dense[1], 0))
+  else:
+    col_mean, col_scale = _cos_column_stats(sf, rs, tf, rt, chunk_size)
 
   def sweep(carry, k):
     rows, cmax, carg, csum = carry
