@@ -224,6 +224,28 @@ class CPUKernelsTest(parameterized.TestCase):
         np.sum(np.asarray(dx) * v),
         np.sum(g * _numpy_conv(v, w, stride, padding, dilation)), rtol=1e-10)
 
+  def test_pointwise_convs_are_matrix_products(self):
+    # Stride-1 1x1 convolutions run forward and input gradient as products
+    # (XLA:CPU's matrix kernels); strided 1x1 and 3x3 stay convolutions.
+    x = jnp.ones((1, 6, 6, 8))
+
+    def programs(k, stride):
+      w = jnp.ones((k, k, 8, 4))
+      pad = ((k // 2, k // 2),) * 2
+      fn = lambda x, w: conv_lib.conv_dot_weight_grad(  # pylint: disable=g-long-lambda
+          x, w, (stride, stride), pad, (1, 1))
+      y, vjp = jax.vjp(fn, x, w)
+      # Printed jaxprs include the custom VJP's inner programs.
+      return str(jax.make_jaxpr(fn)(x, w)), str(jax.make_jaxpr(vjp)(y))
+
+    for k, stride, as_products in ((1, 1, True), (1, 2, False),
+                                   (3, 1, False)):
+      for program in programs(k, stride):
+        self.assertEqual("conv_general_dilated" not in program, as_products,
+                         (k, stride, program))
+        if as_products:
+          self.assertIn("dot_general", program)
+
   def test_conv_module_has_nn_conv_variables(self):
     x = jnp.ones((1, 10, 10, 4))
     ours = conv_lib.Conv(6, (3, 3), padding=((2, 2), (2, 2)),

@@ -10,8 +10,13 @@ weight gradient is written per kernel tap (i, j) as one product,
 X_ij the (N*H'*W', C_in) input pixels that tap reads (a strided, dilated
 window of the padded input) and G the (N*H'*W', C_out) output gradient: the
 same sums as the convolution, as k*k dots that XLA:CPU hands to its matrix
-kernels. The forward pass and the input gradient are unchanged
-(`lax.conv_general_dilated` and its transpose).
+kernels. The forward pass and the input gradient are
+`lax.conv_general_dilated` and its transpose, except for stride-1 1x1
+kernels, whose forward pass X W and input gradient G W^T are matrix products
+too: XLA:CPU's matrix kernels ran the bottlenecks' 1x1 convolutions 1.1-1.3x
+faster than its convolution (1024->256 at 41x41: 4.2 ms against 5.3 ms;
+PyTorch 4.0 ms); six layer3 blocks' forward + backward took 347 ms instead
+of 367 ms (PyTorch: 320-342 ms).
 
 Used on the CPU backend only (`plca_jax.models.get_model`): on GPU and TPU
 the weight gradient convolution is native (cuDNN, the TPU's MXU).
@@ -49,18 +54,41 @@ def conv_dot_weight_grad(x, kernel, strides, padding, dilation):
   Returns:
     (N, H', W', C_out), the same as `lax.conv_general_dilated`.
   """
+  return _forward(x, kernel, strides, padding, dilation)
+
+
+def _pointwise(kernel, strides, padding):
+  """True for a 1x1 kernel with stride 1 and no padding: a matrix product
+  over the pixels."""
+  return (kernel.shape[:2] == (1, 1) and tuple(strides) == (1, 1) and
+          all(p == 0 for pair in padding for p in pair))
+
+
+def _matmul(a, b):
+  """(..., K) x (K, M) in a's dtype, accumulated in float32 at least."""
+  acc = jnp.promote_types(a.dtype, jnp.float32)
+  return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())),
+                             preferred_element_type=acc).astype(a.dtype)
+
+
+def _forward(x, kernel, strides, padding, dilation):
+  if _pointwise(kernel, strides, padding):
+    return _matmul(x, kernel[0, 0])
   return _lax_conv(x, kernel, strides, padding, dilation)
 
 
 def _fwd(x, kernel, strides, padding, dilation):
-  return _lax_conv(x, kernel, strides, padding, dilation), (x, kernel)
+  return _forward(x, kernel, strides, padding, dilation), (x, kernel)
 
 
 def _bwd(strides, padding, dilation, res, g):
   x, kernel = res
-  _, input_vjp = jax.vjp(
-      lambda x: _lax_conv(x, kernel, strides, padding, dilation), x)
-  (dx,) = input_vjp(g)
+  if _pointwise(kernel, strides, padding):
+    dx = _matmul(g, kernel[0, 0].T)
+  else:
+    _, input_vjp = jax.vjp(
+        lambda x: _lax_conv(x, kernel, strides, padding, dilation), x)
+    (dx,) = input_vjp(g)
   return dx, weight_grad(x, g, kernel.shape, strides, padding, dilation)
 
 
