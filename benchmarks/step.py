@@ -18,12 +18,17 @@ to show what they change; `--cpu_kernels=off` drops only the kernels (the
 ASPP head as one matrix product, weight gradients as matrix products:
 `DeepLabV2.head_as_dot`, `dot_weight_grads`), `--cpu_kernels=both` times
 the update with them alternating with the update without.
-`--torch` times the same update in PyTorch in the same process, the two
-alternating update by update (benchmarks/torch_network.py; for `all` the
-PLCA terms computed the release's way, benchmarks/torch_plca.py; for `ce`
-the cross-entropy alone), so that both see the same machine load: this
+`--torch` times the same update in PyTorch, the two alternating update by
+update (benchmarks/torch_network.py --serve, in a process of its own; for
+each term set the same terms, for `all` computed the release's way,
+benchmarks/torch_plca.py), so that both see the same machine load: this
 shared machine's speed drifts by tens of percent within an hour, which
-makes figures from separate runs hard to compare.
+makes figures from separate runs hard to compare. (Until session 13 the
+PyTorch update ran in this process; there both libraries' allocations
+shared one heap, and the update after each PyTorch update page-faulted
+parts of its buffers in again: 0.4M minor faults and 3 s of system time
+on the first rounds, and both sides were slower: CE only 3.30 s against
+2.92 s, and 3.11 s against 2.77 s with PyTorch in its own process.)
 
     python benchmarks/step.py                        # R101, 321x321, all
     python benchmarks/step.py --terms=ce,lovasz,lsr,all --remat=block
@@ -54,8 +59,6 @@ from plca_jax import xla
 
 PAUSE_S = 1.0
 
-# The PyTorch update of benchmarks/torch_network.py that matches a term set.
-TORCH_TERMS = {"ce": {}, "all": {"plca": True}}
 
 TERMS = {
     "ce": dict(use_lovasz=False, use_lsr=False, use_fass=False,
@@ -93,6 +96,38 @@ def random_batch(config, seed=0):
             "label": label[:, :, :h, :w].astype(np.uint8)}
 
   return {"source": domain(), "target": domain()}
+
+
+class TorchWorker:
+  """benchmarks/torch_network.py --serve in a subprocess: calling it runs
+  one PyTorch update there and returns its loss."""
+
+  def __init__(self, args, classes, terms):
+    import subprocess  # pylint: disable=g-import-not-at-top
+    command = [sys.executable,
+               os.path.join(REPO, "benchmarks", "torch_network.py"),
+               "--serve", f"--depth={args.depth}", f"--crop={args.crop}",
+               f"--batch={args.batch}", f"--classes={classes}",
+               f"--terms={terms}", f"--host_memory={args.host_memory}"]
+    self._process = subprocess.Popen(command, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+    line = self._process.stdout.readline().strip()
+    if line != "ready":
+      self.close()
+      raise RuntimeError(f"{' '.join(command)} did not start (it wrote "
+                         f"{line!r}; its error is above)")
+
+  def __call__(self):
+    self._process.stdin.write("run\n")
+    self._process.stdin.flush()
+    line = self._process.stdout.readline()
+    if not line:
+      raise RuntimeError("the PyTorch worker exited (its error is above)")
+    return float(line.split()[1])
+
+  def close(self):
+    self._process.stdin.close()
+    self._process.wait()
 
 
 def build_update(config, cpu_fixes, cpu_kernels=True):
@@ -226,8 +261,8 @@ def main():
   parser.add_argument("--trace_dir", default="/tmp/plca_step_trace",
                       help="where --profile writes the trace")
   parser.add_argument("--torch", action="store_true",
-                      help="alternate with the same update in PyTorch "
-                      "(terms ce and all)")
+                      help="alternate with the same update in PyTorch, "
+                      "in a process of its own")
   args = parser.parse_args()
   if [args.one_pass == "both", args.cpu_kernels == "both",
       args.torch].count(True) > 1:
@@ -263,15 +298,13 @@ def main():
                            args.cpu_kernels != "off")[1]
     elif args.cpu_kernels == "both":
       other = build_update(config, args.cpu_fixes == "on", False)[1]
-    elif args.torch and terms in TORCH_TERMS:
-      # Imported only here: see the note at --torch.
-      from benchmarks import torch_network
-      other = torch_network.make_update(
-          args.depth, args.crop, args.batch, config.model.num_classes,
-          **TORCH_TERMS[terms])
+    elif args.torch:
+      other = TorchWorker(args, config.model.num_classes, terms)
     compile_s, times, loss, other_times, run = time_update(
         config, args.steps, args.cpu_fixes == "on", other,
         args.cpu_kernels != "off")
+    if isinstance(other, TorchWorker):
+      other.close()
     line = (f"{terms:>7} {compile_s:10.1f} {statistics.median(times):9.2f} "
             f"{min(times):7.2f} {loss:9.4f}")
     if other_times:

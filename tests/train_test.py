@@ -123,6 +123,28 @@ class StepBenchmarkTest(absltest.TestCase):
                     events)
 
 
+  @pytest.mark.slow
+  def test_step_benchmark_alternates_with_a_pytorch_worker(self):
+    # --torch: the same terms in PyTorch, in a worker process of its own.
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/step.py", "--depth=18", "--crop=33",
+         "--steps=2", "--terms=ce,lsr", "--torch"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True, text=True, timeout=600)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    rows = {l.split()[0]: l.split() for l in proc.stdout.splitlines()
+            if l.split()[:1] in (["ce"], ["lsr"])}
+    self.assertEqual(set(rows), {"ce", "lsr"}, proc.stdout)
+    for row in rows.values():
+      self.assertLen(row, 8, proc.stdout)
+      median_s, torch_median_s, torch_min_s, ratio = map(
+          float, (row[2], row[5], row[6], row[7]))
+      self.assertGreater(torch_median_s, 0.0)
+      self.assertLessEqual(torch_min_s, torch_median_s)
+      self.assertGreater(ratio, 0.0)
+      self.assertGreater(median_s, 0.0)
+
+
 class TrainAndEvaluateTest(absltest.TestCase):
 
   @pytest.mark.slow
