@@ -83,12 +83,11 @@ def _fwd(x, kernel, strides, padding, dilation):
 
 def _bwd(strides, padding, dilation, res, g):
   x, kernel = res
-  if _pointwise(kernel, strides, padding):
-    dx = _matmul(g, kernel[0, 0].T)
-  else:
-    _, input_vjp = jax.vjp(
-        lambda x: _lax_conv(x, kernel, strides, padding, dilation), x)
-    (dx,) = input_vjp(g)
+  # The transpose of the forward's product or convolution: G W^T for a
+  # pointwise kernel, the transposed convolution otherwise.
+  _, input_vjp = jax.vjp(
+      lambda x: _forward(x, kernel, strides, padding, dilation), x)
+  (dx,) = input_vjp(g)
   return dx, weight_grad(x, g, kernel.shape, strides, padding, dilation)
 
 
