@@ -265,7 +265,7 @@ def get_config():
   # ones run unchunked, where the whole (L x L) matrices are small and one
   # chunk is faster: at 321x321 (1681 pixels) 0.35 s less per R101 update;
   # the association alone is as fast either way at 48x48 and 10% slower
-  # unchunked at 64x64 (README "The update against PyTorch").
+  # unchunked at 64x64 (README "The update in session 13").
   config.loss.chunk_above_pixels = 2048
 
   # The other methods' blocks, declared by their modules.

@@ -44,9 +44,8 @@ def predict(variables, images, *, model, config, label_size):
   if not config.eval.aggregate:
     return losses.upsample_bilinear(out["logits"], label_size)
   alpha = config.eval.alpha
-  chunk = losses.chunk_for(out["features"].shape[1] * out["features"].shape[2],
-                           config.loss.chunk_size,
-                           config.loss.chunk_above_pixels)
+  chunk = losses.chunk_for(config.loss.chunk_size,
+                           config.loss.chunk_above_pixels, out["features"])
   features = losses.spatial_aggregate(out["features"], "cos", alpha, chunk)
   logits = model.apply(variables, features, method="classify")
   probs = losses.spatial_aggregate(jax.nn.softmax(logits, axis=-1), "kl",

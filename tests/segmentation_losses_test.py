@@ -317,9 +317,12 @@ class ObjectiveTest(parameterized.TestCase):
     self.assertEqual(seen[11], {5})
     self.assertEqual(seen[0], {5})
     self.assertAlmostEqual(seen["12_total"], seen["11_total"], places=5)
-    self.assertEqual(losses.chunk_for(8464, 256, 4096), 256)  # 730x730
-    self.assertIsNone(losses.chunk_for(1681, 256, 4096))  # 321x321
-    self.assertIsNone(losses.chunk_for(8464, None, 0))
+    grid = lambda side: np.zeros((1, side, side, 1))
+    self.assertEqual(losses.chunk_for(256, 4096, grid(92)), 256)  # 730x730
+    self.assertIsNone(losses.chunk_for(256, 4096, grid(41)))  # 321x321
+    self.assertIsNone(losses.chunk_for(None, 0, grid(92)))
+    # The larger of two maps decides.
+    self.assertEqual(losses.chunk_for(256, 4096, grid(41), grid(92)), 256)
 
   def test_gradients_are_finite_under_jit(self):
     src, tgt, labels = self._inputs()

@@ -89,11 +89,10 @@ def plca_objective(source_outputs, target_outputs, source_labels, *,
        jax.nn.softmax(logits_t, axis=-1))):
     if not enabled:
       continue
-    pixels = max(s.shape[1] * s.shape[2], t.shape[1] * t.shape[2])
     assoc = cycle_association(
         s, t, grid_labels, metric, aggregate_target=aggregate_target,
         alpha=alpha, ignore_label=ignore_label,
-        chunk_size=chunk_for(pixels, chunk_size, chunk_above_pixels),
+        chunk_size=chunk_for(chunk_size, chunk_above_pixels, s, t),
         sim_plca=sim_plca)
     terms[name] = assoc["mean_loss"]
     total += association_weight * terms[name]

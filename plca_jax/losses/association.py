@@ -57,15 +57,16 @@ def contrast_normalize(d):
   return jax.nn.softmax((d - mean) / (std + STD_EPS), axis=-1)
 
 
-def chunk_for(num_pixels, chunk_size, chunk_above_pixels=0):
-  """The chunk size to run an association of `num_pixels`-pixel images with.
+def chunk_for(chunk_size, chunk_above_pixels, *maps):
+  """The chunk size to run an association of the (N, H, W, C) `maps` with.
 
-  `chunk_size` (None: unchunked) where an image has more than
-  `chunk_above_pixels` pixels on its grid, else None: below that, the whole
+  `chunk_size` (None: unchunked) where one of the maps has more than
+  `chunk_above_pixels` pixels (H * W), else None: below that, the whole
   (L x L) matrices are small and one chunk is faster (`config.loss.
-  chunk_above_pixels`; measured in README "The update against PyTorch").
+  chunk_above_pixels`; measured in README "The update in session 13").
   """
-  return chunk_size if num_pixels > chunk_above_pixels else None
+  pixels = max(m.shape[1] * m.shape[2] for m in maps)
+  return chunk_size if pixels > chunk_above_pixels else None
 
 
 def _chunk_geometry(num_rows, chunk_size):

@@ -143,8 +143,7 @@ def compute(config, variables, pairs, batch_norm="running"):
     assoc = jax.jit(lambda s, t, y, metric=metric: losses.cycle_association(
         s, t, y, metric, aggregate_target=c.aggregate_target, alpha=c.alpha,
         ignore_label=c.ignore_label, chunk_size=losses.chunk_for(
-            max(s.shape[1] * s.shape[2], t.shape[1] * t.shape[2]),
-            c.chunk_size, c.chunk_above_pixels),
+            c.chunk_size, c.chunk_above_pixels, s, t),
         sim_plca=c.sim_plca))(s, t, source_grid)
     stats = losses.association_statistics(
         assoc, t.shape[1] * t.shape[2], target_grid, c.ignore_label)
