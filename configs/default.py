@@ -204,11 +204,11 @@ def get_config():
   # state and BatchNorm statistics stay float32; the losses (association
   # similarities included) are computed in float32 from the network outputs.
   config.train.compute_dtype = "float32"
-  # glibc keeps freed host memory for reuse (plca_jax.xla.
-  # keep_freed_host_memory), set by plca_jax.main before the first device
-  # use: XLA:CPU otherwise page-faults each update's temporary buffers in
-  # afresh (2.1 s of system time per R101 update at 321x321). Host RSS stays
-  # at its peak.
+  # glibc keeps freed host memory for reuse and CPU computations run in the
+  # calling thread (plca_jax.xla.keep_freed_host_memory), set by
+  # plca_jax.main before the first device use: XLA:CPU otherwise page-faults
+  # each update's temporary buffers in afresh (2.1 s of system time per R101
+  # update at 321x321). Host RSS stays at its peak.
   config.train.keep_freed_host_memory = True
   # CPU backend only: the run's global number of CPU devices, split evenly
   # over its processes (plca_jax.main sets it before the first device use;

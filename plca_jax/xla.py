@@ -40,7 +40,7 @@ def compiler_options():
 
 
 # glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
 def keep_freed_host_memory():
@@ -50,15 +50,38 @@ def keep_freed_host_memory():
   update at 321x321) with malloc, which glibc serves from a fresh mmap and
   unmaps on free, so every update page-faults its whole working set in
   again: measured 790k minor faults and 2.1 s of system CPU time per
-  update. With one arena, no mmap for large blocks and no trimming, the
-  freed blocks are reused: 0 faults from the second update on, 0.13 s of
-  system time. Host RSS then stays at its peak, which a training process
-  reaches every update anyway. Must run before XLA starts its threads (the
-  first use of a device); a no-op where the C library is not glibc.
+  update. Three settings make the freed blocks reused, at most a few
+  thousand faults per update from the second on:
+  - glibc: no mmap for large blocks, no trimming;
+  - CPU computations run in the thread that calls them
+    (`jax_cpu_enable_async_dispatch=False`), so an update's temporary
+    buffer comes from the main thread's arena. Dispatched asynchronously,
+    it was allocated on one of XLA's worker threads, whose arena is a
+    chain of 64 MB heaps: there glibc maps any larger block afresh,
+    whatever the mmap settings (measured: 435k faults, 2.9 s of system
+    time per CE-only R101 update at 321x321);
+  - the number of arenas stays glibc's (8 per core), so each thread
+    allocates small blocks from its own: the convolutions' GEMM (oneDNN
+    under Eigen) mallocs packing buffers on every call from every worker
+    thread, and with one arena for all (sessions 8-13 set M_ARENA_MAX=1)
+    those calls contended for its lock and searched one heap of every
+    freed block: _int_malloc was 5.5% of the CPU samples of the full
+    update (perf).
+  The full R101 update at 321x321 (all terms, separate processes,
+  alternating, median of 6): 5.23 s with these settings against 7.18 s
+  with one arena; CE only 3.13 s against 3.54 s (median of 4).
+
+  Host RSS stays at its peak, which a training process reaches every
+  update anyway. Must run before the first use of a device (XLA's threads
+  and the CPU client); the glibc part is a no-op where the C library is
+  not glibc. Synchronous dispatch on the CPU costs the training loop the
+  overlap of its Python work with the update, milliseconds against
+  seconds; jax applies it to single-device computations only.
 
   Returns:
-    True if the settings were applied.
+    True if the glibc settings were applied.
   """
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
   if not sys.platform.startswith("linux"):
     return False
   try:
@@ -69,7 +92,7 @@ def keep_freed_host_memory():
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   # -1 as the trim threshold is SIZE_MAX to glibc: never trim.
   return all(mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+      (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
 
 
 def set_cpu_devices(total, num_processes=1):
