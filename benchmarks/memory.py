@@ -10,7 +10,8 @@ prints, at 730x730 crops:
   (`compiled.memory_analysis()`; compiles for this backend. On XLA:CPU this
   does not show what rematerialisation saves: the CPU scheduler runs the
   recomputations early. On GPU/TPU it is the figure that matters);
-for 1 and 2 images per domain, float32 and bfloat16, remat none and block;
+for 1 and 2 images per domain, float32 and bfloat16, remat none and block
+(`--remats=none,block,block_keep_3x3` adds the third mode);
 the same two figures for the evaluation step at 730x1460 with test-time
 aggregation; and, from the saved-for-backward figure, the largest
 micro-batch per domain that fits 16, 32 and 80 GiB of device memory
@@ -151,7 +152,7 @@ def main():
   print(f"{os.path.relpath(args.config, REPO)}: R{base.model.depth}, "
         f"{base.model.num_classes} classes, {args.crop}x{args.crop} crops, "
         f"backend {jax.default_backend()}")
-  print(f"{'dtype':>9} {'remat':>6} {'img/domain':>10} "
+  print(f"{'dtype':>9} {'remat':>14} {'img/domain':>10} "
         f"{'saved for bwd GiB':>18} {'XLA temp GiB':>13}")
   fit_rows = []
   for dtype in args.dtypes.split(","):
@@ -162,15 +163,15 @@ def main():
         t0 = time.perf_counter()
         saved[batch], params_bytes = saved_for_backward(config)
         temp = float("nan") if args.no_compile else update_temp(config) / GIB
-        print(f"{dtype:>9} {remat:>6} {batch:>10} {saved[batch] / GIB:18.2f} "
+        print(f"{dtype:>9} {remat:>14} {batch:>10} {saved[batch] / GIB:18.2f} "
               f"{temp:13.2f}   ({time.perf_counter() - t0:.0f} s)",
               flush=True)
       fit_rows.append((dtype, remat, [fits(saved[1], saved[2], params_bytes,
                                            g * GIB) for g in (16, 32, 80)]))
   print("largest micro-batch per domain that fits (from saved for backward):")
-  print(f"{'dtype':>9} {'remat':>6} {'16 GiB':>7} {'32 GiB':>7} {'80 GiB':>7}")
+  print(f"{'dtype':>9} {'remat':>14} {'16 GiB':>7} {'32 GiB':>7} {'80 GiB':>7}")
   for dtype, remat, counts in fit_rows:
-    print(f"{dtype:>9} {remat:>6} " + " ".join(f"{c:>7}" for c in counts))
+    print(f"{dtype:>9} {remat:>14} " + " ".join(f"{c:>7}" for c in counts))
   if not args.no_compile:
     for dtype in args.dtypes.split(","):
       config = _variant(base, crop, 1, dtype, "none")

@@ -50,9 +50,11 @@ def use_paper_setting(config, source, num_classes, train_epochs,
                               require_labels=False)
   config.data.eval = domain("cityscapes", split="val")
   config.init_allow_missing = "classifier"
-  # R101 at 730x730: 2.97 GiB kept for the backward pass per micro-batch of
-  # 1 image per domain instead of 11.76 GiB (benchmarks/memory.py), so a
-  # micro-batch of 4 per domain fits a 16 GiB device.
+  # R101 at 730x730: 3.04 GiB kept for the backward pass per micro-batch of
+  # 1 image per domain instead of 11.83 GiB (benchmarks/memory.py), so a
+  # micro-batch of 5 per domain fits a 16 GiB device. "block_keep_3x3"
+  # keeps 3.59 GiB and recomputes less (an update ~6% faster on a CPU);
+  # see resnet.ResNet.remat.
   config.model.remat = "block"
   epoch = updates_per_epoch(2975, config.train.batch_size,
                             config.train.grad_accum_steps)
@@ -137,7 +139,10 @@ def get_config():
   # "block": recompute each residual block's activations in the backward
   # pass (the forward keeps only block inputs): R101 at 730x730 keeps
   # ~4x less for the backward pass (benchmarks/memory.py, README
-  # "Memory and speed"). "none": keep everything (fastest on small inputs).
+  # "Memory and speed"). "block_keep_3x3": the same, but each block keeps
+  # its 3x3 convolution's output too (recomputes the cheap 1x1 convs only;
+  # +18% memory, -6% time against "block" for R101). "none": keep
+  # everything (fastest on small inputs).
   config.model.remat = "none"
   # Where a bottleneck strides: "1x1" (the first conv: Caffe / DeepLab-V2,
   # the release's ImageNet initialisation) or "3x3" (torchvision's ResNets).

@@ -37,6 +37,10 @@ def _count(tree):
   return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 
 
+def _bytes(tree):
+  return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
 class DeepLabV2Test(parameterized.TestCase):
 
   @parameterized.parameters(
@@ -325,47 +329,62 @@ class MaxPoolTest(parameterized.TestCase):
     np.testing.assert_array_equal(ours, np.moveaxis(theirs, 1, -1))
 
 
-if __name__ == "__main__":
-  absltest.main()
-
 
 class RematTest(parameterized.TestCase):
-  """config.model.remat="block" changes memory, not results."""
+  """config.model.remat changes memory, not results."""
 
   @parameterized.parameters(18, 50)
   @pytest.mark.slow
-  def test_block_remat_equals_none(self, depth):
+  def test_remat_modes_equal_none(self, depth):
     kwargs = dict(num_classes=5, depth=depth, width=8)
     plain = models.DeepLabV2(**kwargs)
-    remat = models.DeepLabV2(remat="block", **kwargs)
     x = jax.random.normal(jax.random.key(1), (2, 33, 41, 3))
     variables = plain.init(jax.random.key(0), x)
-
     (v0, stats0), g0 = _train_loss_and_grads(plain, variables, x)
-    (v1, stats1), g1 = _train_loss_and_grads(remat, variables, x)
-    np.testing.assert_allclose(v1, v0, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves((g1, stats1)),
-                    jax.tree.leaves((g0, stats0))):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for mode in ("block", "block_keep_3x3"):
+      with self.subTest(mode):
+        remat = models.DeepLabV2(remat=mode, **kwargs)
+        (v1, stats1), g1 = _train_loss_and_grads(remat, variables, x)
+        np.testing.assert_allclose(v1, v0, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves((g1, stats1)),
+                        jax.tree.leaves((g0, stats0))):
+          np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
+  @parameterized.parameters((50, "conv2"), (18, "conv1"))
   @pytest.mark.slow
-  def test_block_remat_keeps_less_for_the_backward_pass(self):
+  def test_what_each_mode_keeps_for_the_backward_pass(self, depth, kept):
     x = jax.ShapeDtypeStruct((1, 65, 65, 3), jnp.float32)
+    plain = models.DeepLabV2(num_classes=5, depth=depth, width=8)
+    variables = jax.eval_shape(plain.init, jax.random.key(0), x)
 
     def saved(remat):
-      model = models.DeepLabV2(num_classes=5, depth=50, width=8, remat=remat)
-      variables = jax.eval_shape(model.init, jax.random.key(0), x)
+      model = plain.clone(remat=remat)
 
       def residuals(params, batch_stats, images):
         fn = lambda p: model.apply(  # pylint: disable=g-long-lambda
             {"params": p, "batch_stats": batch_stats}, images,
             train=True, mutable=["batch_stats"])[0]["logits"].sum()
         return jax.vjp(fn, params)[1]
-      return sum(r.size * r.dtype.itemsize for r in jax.tree.leaves(
-          jax.eval_shape(residuals, variables["params"],
-                         variables["batch_stats"], x)))
+      return _bytes(jax.eval_shape(residuals, variables["params"],
+                                   variables["batch_stats"], x))
 
-    self.assertLess(saved("block"), 0.5 * saved("none"))
+    def block_3x3_outputs(v, images):
+      is_kept = lambda mdl, _: (  # pylint: disable=g-long-lambda
+          mdl.name == kept and
+          isinstance(mdl.parent, (resnet.Bottleneck, resnet.BasicBlock)))
+      return plain.apply(v, images, train=True, capture_intermediates=is_kept,
+                         mutable=["batch_stats", "intermediates"]
+                         )[1]["intermediates"]
+
+    none, block, keep = saved("none"), saved("block"), saved("block_keep_3x3")
+    if depth == 50:
+      self.assertLess(block, 0.5 * none)
+    self.assertLess(keep, none)
+    # Exactly the 3x3 outputs on top of "block": nothing more is kept, and
+    # nothing of them is recomputed.
+    outputs = _bytes(jax.eval_shape(block_3x3_outputs, variables, x))
+    self.assertGreater(outputs, 0)
+    self.assertEqual(keep - block, outputs)
 
   def test_bfloat16_network_keeps_no_float32_activations(self):
     model = models.DeepLabV2(num_classes=5, depth=18, width=8,
@@ -395,3 +414,6 @@ class RematTest(parameterized.TestCase):
     model = models.DeepLabV2(num_classes=5, depth=18, width=8, remat="all")
     with self.assertRaisesRegex(ValueError, "remat='all'"):
       model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+
+if __name__ == "__main__":
+  absltest.main()

@@ -145,6 +145,31 @@ class StepBenchmarkTest(absltest.TestCase):
       self.assertGreater(median_s, 0.0)
 
 
+class MemoryBenchmarkTest(absltest.TestCase):
+
+  @pytest.mark.slow
+  def test_memory_benchmark_orders_the_remat_modes(self):
+    # benchmarks/memory.py must stay runnable; on a small crop its
+    # saved-for-backward figures order the remat modes as they should.
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/memory.py", "--config=configs/demo.py",
+         "--crop=65", "--no_compile", "--dtypes=float32",
+         "--remats=none,block,block_keep_3x3"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True, text=True, timeout=600)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    fits = proc.stdout.split("that fits")[-1].splitlines()
+    fits = {row.split()[1]: [int(n) for n in row.split()[2:]]
+            for row in fits if row.split()[:1] == ["float32"]}
+    self.assertEqual(set(fits), {"none", "block", "block_keep_3x3"},
+                     proc.stdout)
+    for remat, counts in fits.items():
+      self.assertLen(counts, 3, remat)
+      self.assertEqual(counts, sorted(counts), remat)  # 16 < 32 < 80 GiB
+    self.assertGreater(fits["block"][0], fits["block_keep_3x3"][0])
+    self.assertGreater(fits["block_keep_3x3"][0], fits["none"][0])
+
+
 class TrainAndEvaluateTest(absltest.TestCase):
 
   @pytest.mark.slow
