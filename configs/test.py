@@ -29,4 +29,9 @@ def get_config():
   # Chunked although the images are small: the code path of the paper's
   # 730x730 crops (config.loss.chunk_above_pixels).
   config.loss.chunk_above_pixels = 0
+  # XLA's sort in the Lovasz term: an update with the host sort (the "auto"
+  # choice on one CPU device) never enters the persistent compilation
+  # cache, so every test process compiled every update afresh.
+  # tests/segmentation_losses_test.py checks that both sorts agree.
+  config.loss.lovasz_sort = "xla"
   return config

@@ -180,10 +180,20 @@ def network_variables(state):
              for name, t in state.extra.items()}}
 
 
+@jax.jit
+def _all_finite(trees):
+  return jnp.isfinite(optax.tree.norm(trees))
+
+
 def is_finite(state):
-  """True if every parameter of every tree is finite (one reduction)."""
+  """True if every parameter of every tree is finite (one program).
+
+  Jitted: run op by op, the norm compiled a program per distinct leaf
+  shape and operation before each run's first checkpoint (190 programs,
+  9 s of a cold compilation cache for LDR's trees on the 2-core CPU).
+  """
   trees = [state.params] + [t.params for t in state.extra.values()]
-  return bool(jnp.isfinite(optax.tree.norm(trees)))
+  return bool(_all_finite(trees))
 
 
 DEFAULT_FIELDS = {d: ("image", "label") for d in base.DOMAINS}

@@ -298,6 +298,32 @@ class ObjectiveTest(parameterized.TestCase):
         c.lsr_weight * (terms["lsr_source"] + terms["lsr_target"]),
         rtol=1e-6)
 
+  def test_lovasz_sort_choice(self):
+    # config.loss.lovasz_sort: the host sort is a callback in the compiled
+    # objective ("auto" on this one CPU device, "host"), XLA's sort is not
+    # ("xla"), and all give the same total; a misspelt value names the key.
+    src, tgt, labels = self._inputs()
+    src, tgt = (jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), o)
+                for o in (src, tgt))
+    config = default_config.get_config()
+    self.assertEqual(config.loss.lovasz_sort, "auto")
+    totals, callbacks = {}, {}
+    for choice in ("auto", "host", "xla"):
+      config.loss.lovasz_sort = choice
+      frozen = config.copy_and_resolve_references()
+      fn = jax.jit(lambda s, t, c=frozen: losses.total_loss(c, s, t,
+                                                            labels)[0])
+      text = fn.lower(src, tgt).as_text()
+      callbacks[choice] = "callback" in text
+      totals[choice] = float(fn(src, tgt))
+    self.assertEqual(callbacks, {"auto": True, "host": True, "xla": False})
+    self.assertEqual(totals["auto"], totals["xla"])
+    self.assertEqual(totals["host"], totals["xla"])
+    config.loss.lovasz_sort = "numpy"
+    with self.assertRaisesRegex(ValueError,
+                                "lovasz_sort='numpy'.*'auto', 'host', 'xla'"):
+      losses.total_loss(config, src, tgt, labels)
+
   def test_small_images_run_the_association_unchunked(self):
     src, tgt, labels = self._inputs()  # 3 x 4 = 12 grid pixels
     src, tgt = (jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), o)

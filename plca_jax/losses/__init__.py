@@ -13,6 +13,7 @@ from plca_jax.losses.association import cycle_association
 from plca_jax.losses.association import spatial_aggregate
 from plca_jax.losses.segmentation import cross_entropy
 from plca_jax.losses.segmentation import downsample_labels
+from plca_jax.losses.segmentation import host_sort_of
 from plca_jax.losses.segmentation import lovasz_softmax
 from plca_jax.losses.segmentation import lsr_loss
 from plca_jax.losses.segmentation import upsample_bilinear
@@ -20,8 +21,8 @@ from plca_jax.losses.segmentation import upsample_bilinear
 __all__ = [
     "association_confusion", "association_loss", "association_statistics",
     "chunk_for", "contrast_normalize", "cross_entropy", "cycle_association",
-    "downsample_labels", "lovasz_softmax", "lsr_loss", "plca_objective",
-    "spatial_aggregate", "total_loss", "upsample_bilinear",
+    "downsample_labels", "host_sort_of", "lovasz_softmax", "lsr_loss",
+    "plca_objective", "spatial_aggregate", "total_loss", "upsample_bilinear",
 ]
 
 
@@ -31,7 +32,7 @@ def plca_objective(source_outputs, target_outputs, source_labels, *,
                    lovasz_weight=1.5, association_weight=0.1,
                    lsr_weight=0.01, alpha=0.5, lsr_lambda=10.0,
                    ignore_label=255, chunk_size=None, chunk_above_pixels=0,
-                   target_labels=None):
+                   host_sort=None, target_labels=None):
   """Total PLCA loss of one source and one target micro-batch.
 
   total = ce + lovasz_weight * lovasz + association_weight * (fass + cass)
@@ -52,7 +53,8 @@ def plca_objective(source_outputs, target_outputs, source_labels, *,
     (the rest): switches and weights as above; `chunk_size` bounds the
       similarity rows alive at once in the association, for images of more
       than `chunk_above_pixels` grid pixels (smaller ones run unchunked:
-      `chunk_for`).
+      `chunk_for`); `host_sort`: how the Lovasz term sorts
+      (`segmentation.descending_order`; None: decided from the backend).
     target_labels: optional (N, H', W') int target labels, for the
       "*_correct" diagnostics only: no loss term reads them (tested).
 
@@ -74,7 +76,8 @@ def plca_objective(source_outputs, target_outputs, source_labels, *,
     total += terms["ce"]
   if use_lovasz:
     terms["lovasz"] = lovasz_softmax(jax.nn.softmax(up, axis=-1),
-                                     source_labels, ignore_label)
+                                     source_labels, ignore_label,
+                                     host_sort=host_sort)
     total += lovasz_weight * terms["lovasz"]
 
   grid_labels = downsample_labels(source_labels, logits_s.shape[1:3])
@@ -120,4 +123,4 @@ def total_loss(config, source_outputs, target_outputs, source_labels,
       association_weight=c.association_weight, lsr_weight=c.lsr_weight,
       alpha=c.alpha, lsr_lambda=c.lsr_lambda, ignore_label=c.ignore_label,
       chunk_size=c.chunk_size, chunk_above_pixels=c.chunk_above_pixels,
-      target_labels=target_labels)
+      host_sort=host_sort_of(c.lovasz_sort), target_labels=target_labels)

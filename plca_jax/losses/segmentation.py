@@ -111,6 +111,18 @@ def _numpy_descending_order(key):
       (packed & np.uint64(0xFFFFFFFF)).astype(np.int32).T)
 
 
+# config.loss.lovasz_sort -> `host_sort` of `lovasz_softmax`.
+LOVASZ_SORTS = {"auto": None, "host": True, "xla": False}
+
+
+def host_sort_of(lovasz_sort):
+  """`host_sort` for config.loss.lovasz_sort ("auto", "host" or "xla")."""
+  if lovasz_sort not in LOVASZ_SORTS:
+    raise ValueError(f"config.loss.lovasz_sort={lovasz_sort!r}; expected one "
+                     f"of {tuple(LOVASZ_SORTS)}")
+  return LOVASZ_SORTS[lovasz_sort]
+
+
 def descending_order(key, host_sort=None):
   """Per column of key (P, M), the row indices in descending order.
 
@@ -120,7 +132,10 @@ def descending_order(key, host_sort=None):
   single CPU device (`host_sort=None`: decided from the backend) the order
   therefore comes from NumPy through `jax.pure_callback`; on accelerators
   and on several devices (the errors are sharded there) it is XLA's sort.
-  Both give the same, stable order.
+  Both give the same, stable order. A program with the host callback is
+  never written to JAX's persistent compilation cache (JAX does not cache
+  host callbacks), so it compiles afresh in every process;
+  `host_sort=False` (config.loss.lovasz_sort="xla") makes it cacheable.
   """
   if host_sort is None:
     host_sort = xla.on_cpu() and jax.device_count() == 1

@@ -27,8 +27,9 @@ def source_loss(params, batch_stats, micro, *, model, config, block):
   terms = {"ce": losses.cross_entropy(up, labels, ignore)}
   total = terms["ce"]
   if block.use_lovasz:
-    terms["lovasz"] = losses.lovasz_softmax(jax.nn.softmax(up, axis=-1),
-                                            labels, ignore)
+    terms["lovasz"] = losses.lovasz_softmax(
+        jax.nn.softmax(up, axis=-1), labels, ignore,
+        host_sort=losses.host_sort_of(config.loss.lovasz_sort))
     total = total + block.lovasz_weight * terms["lovasz"]
   return total, (terms, batch_stats)
 
