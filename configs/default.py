@@ -56,14 +56,13 @@ def use_paper_setting(config, source, num_classes, train_epochs,
   # keeps 3.59 GiB and recomputes less (an update ~6% faster on a CPU);
   # see resnet.ResNet.remat.
   config.model.remat = "block"
-  epoch = updates_per_epoch(2975, config.train.batch_size,
-                            config.train.grad_accum_steps)
-  config.train.num_steps = train_epochs * epoch
-  config.optim.schedule_steps = horizon_epochs * epoch
-  # The release's effective Lovasz weight on its README's 2-GPU launch
-  # (SPEC.md section 2): 0.75 x W x K = 3.0.
-  config.loss.lovasz_weight = release_lovasz_weight(
-      world_size=RELEASE_GPUS, accumulation=config.train.grad_accum_steps)
+  # The paper's update (2 micro-batches of 4 images per domain) on any
+  # device count: plca_jax.schedule.resolve.
+  config.train.auto_split = True
+  set_epochs(config, train_epochs, horizon_epochs)
+  # The release's effective Lovasz weight for the update's size: 3.0 for
+  # its README's 2-GPU launch (release_lovasz_weight).
+  config.loss.lovasz_weight = release_lovasz_weight(images_per_update(config))
 
 
 def use_baseline_setting(config, method, source, *, num_steps,
@@ -96,24 +95,48 @@ def use_baseline_setting(config, method, source, *, num_steps,
   config.train.eval_every = 5000
 
 
-RELEASE_GPUS = 2  # the launch in the release's README
+CITYSCAPES_TRAIN_IMAGES = 2975  # the target set an epoch goes through
+# The release's README launch: 2 GPUs, a global micro-batch of 4 images per
+# domain, 2 micro-batches per update.
+RELEASE_GPUS = 2
+RELEASE_MICRO_BATCH = 4
 
 
-def release_lovasz_weight(paper_weight=0.75, *, world_size, accumulation):
+def images_per_update(config):
+  """batch_size x grad_accum_steps, as a reference that follows overrides."""
+  return (config.train.get_ref("batch_size") *
+          config.train.get_ref("grad_accum_steps"))
+
+
+def release_lovasz_weight(images, paper_weight=0.75):
   """beta1 relative to the averaged CE, as the release effectively trains.
 
   Per optimizer update the release averages every other term over its K
   accumulated micro-batches but sums the Lovasz term (x K), and its
   multi-GPU Lovasz multiplies by the world size W while DDP averages the
   other terms over the GPUs (x W): beta1 = 0.75 x W x K, i.e. 3.0 on its
-  README's 2-GPU launch with K = 2 (1.5 on one GPU). SPEC.md section 2.
+  README's 2-GPU launch with K = 2. An update of `images` per domain is
+  that launch with K = images / 4 (docs/method.md, "Losses").
+
+  Args:
+    images: images per domain per update (a number or a field reference).
+    paper_weight: beta1 as the paper states it.
   """
-  return paper_weight * world_size * accumulation
+  if hasattr(images, "to_float"):
+    images = images.to_float()
+  return images * (paper_weight * RELEASE_GPUS / RELEASE_MICRO_BATCH)
 
 
-def updates_per_epoch(target_images, batch_size, grad_accum_steps):
-  """SPEC.md section 3: ceil(|target train| / global batch / accumulation)."""
-  return -(-target_images // (batch_size * grad_accum_steps))
+def set_epochs(config, train_epochs, horizon_epochs):
+  """Training length and poly horizon in epochs of the target set.
+
+  An epoch is ceil(|Cityscapes train| / images per update) updates, as in
+  the release; both counts follow later changes of the batch (command-line
+  overrides, plca_jax.schedule.resolve) until set explicitly.
+  """
+  epoch = -(-CITYSCAPES_TRAIN_IMAGES // images_per_update(config))
+  config.train.num_steps = train_epochs * epoch
+  config.optim.schedule_steps = horizon_epochs * epoch
 
 
 def get_config():
@@ -189,13 +212,14 @@ def get_config():
   config.data.synthetic_width = 256
   config.data.synthetic_seed = 0
 
-  # SPEC.md section 3 (SYNTHIA -> Cityscapes): 8 epochs of updates over
-  # the 2975 Cityscapes train images, poly horizon 10 epochs.
-  epoch = updates_per_epoch(2975, 4, 2)
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 4  # global, per domain, per micro-batch
   config.train.grad_accum_steps = 2  # micro-batches per update
-  config.train.num_steps = 8 * epoch  # optimizer updates
+  # When the batch does not split over the devices: True keeps the images
+  # per update with other micro-batches, or on more devices than images
+  # trains one image per device with a scaled learning rate
+  # (plca_jax.schedule); False stops with an error.
+  config.train.auto_split = False
   config.train.log_every = 50
   config.train.checkpoint_every = 500
   config.train.eval_every = 1000
@@ -236,8 +260,10 @@ def get_config():
   config.optim.momentum = 0.9
   config.optim.weight_decay = 5e-4  # L2 added to the gradients
   config.optim.head_lr_mult = 1.0
-  config.optim.schedule_steps = 10 * epoch  # poly horizon
   config.optim.poly_power = 0.9
+  # SYNTHIA -> Cityscapes: 8 epochs of updates over the Cityscapes train
+  # images (train.num_steps), poly horizon (optim.schedule_steps) 10 epochs.
+  set_epochs(config, 8, 10)
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 2  # global

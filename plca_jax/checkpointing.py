@@ -22,13 +22,16 @@ over "/"-joined paths) names leaves that may keep their initial values.
 
 import json
 import re
+import time
 
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from plca_jax import console
 from plca_jax.data import input_pipeline
 from plca_jax.data import pairing as pairing_lib
 
@@ -66,19 +69,76 @@ def save(manager, step, state, data_iterator):
 def _saved_tree(manager, step):
   """The metadata tree of the state saved at `step` (no arrays read)."""
   path = epath.Path(manager.directory) / str(step) / "state"
-  return ocp.StandardCheckpointer().metadata(path).item_metadata
+  return ocp.StandardCheckpointHandler().metadata(path)
+
+
+class DamagedCheckpoint(Exception):
+  """A checkpoint that cannot be read: its step, the file, the cause."""
+
+  def __init__(self, step, path, cause):
+    super().__init__(f"checkpoint {step}: {path}: {cause}")
+    self.step, self.path, self.cause = step, path, cause
+
+
+# Messages of the errors that mean a file of the checkpoint is missing,
+# truncated or corrupt (tensorstore's status codes, orbax's and Python's
+# wording). Anything else (a config that does not match the saved shapes,
+# a permission or network error) is not a damaged checkpoint and is raised.
+_DAMAGE = re.compile(r"NOT_FOUND|DATA_LOSS|OUT_OF_RANGE|not found|does not "
+                     r"exist|corrupt|Error decoding|Unexpected end|"
+                     r"Expecting value|truncated", re.IGNORECASE)
+
+
+def _damage(step, directory, error):
+  """A DamagedCheckpoint for `error` if it is one, else None."""
+  if not isinstance(error, (FileNotFoundError, json.JSONDecodeError)) and (
+      not _DAMAGE.search(str(error))):
+    return None
+  text = str(error)
+  paths = re.findall(r'"((?:/|gs://)[^"\\]+)"', text)
+  path = getattr(error, "filename", None) or (paths[-1] if paths else None)
+  line = next((l.strip() for l in text.splitlines() if l.strip()),
+              type(error).__name__)
+  if len(line) > 160:
+    line = line[:157] + "..."
+  return DamagedCheckpoint(step, path or directory,
+                           f"{type(error).__name__}: {line}")
+
+
+def _read_checked(step, directory, read):
+  """`read()`, with file damage raised as DamagedCheckpoint.
+
+  What tensorstore's callbacks print to stderr after a failed read goes
+  to the log file, not the console.
+  """
+  try:
+    with console.stderr_to_log(linger=0.5):
+      return read()
+  except Exception as error:  # pylint: disable=broad-except
+    damage = _damage(step, directory, error)
+    if damage is None:
+      raise
+    raise damage from error
 
 
 def restore(manager, step, abstract_state, data_iterator):
   """Restores `step` into `abstract_state` (with shardings) and the iterator.
 
   Raises ValueError naming both sets when the saved networks differ from
-  the method's (e.g. resuming an adaptsegnet workdir with another method).
+  the method's (e.g. resuming an adaptsegnet workdir with another method),
+  DamagedCheckpoint when a file of the checkpoint is missing or unreadable.
 
   Returns:
     the restored state; `data_iterator` is restored in place.
   """
-  saved = _saved_tree(manager, step)
+  directory = epath.Path(manager.directory) / str(step)
+  for required in (directory / "state" / "_METADATA",):
+    if not required.exists():
+      raise DamagedCheckpoint(step, required, "missing")
+  data_file = directory / DATA_ITEM / "metadata"
+  if (directory / DATA_ITEM).exists() and not data_file.exists():
+    raise DamagedCheckpoint(step, data_file, "missing")
+  saved = _read_checked(step, directory, lambda: _saved_tree(manager, step))
   target = abstract_state
   if "extra" not in saved:  # written before methods had other networks
     target = {k: getattr(abstract_state, k) for k in sorted(saved.keys())}
@@ -90,21 +150,81 @@ def restore(manager, step, abstract_state, data_iterator):
         f"{['segmentation', *saved_networks]} but the method trains "
         f"{['segmentation', *wanted]}: resume with the config.method it was "
         "written with, or use another workdir")
-  directory = epath.Path(manager.directory) / str(step)
   if (directory / DATA_ITEM).exists():
-    items = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target),
-        **{DATA_ITEM: ocp.args.JsonRestore()}))
+    items = _read_checked(step, directory, lambda: manager.restore(
+        step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target),
+            **{DATA_ITEM: ocp.args.JsonRestore()})))
     data_iterator.set_state(items[DATA_ITEM])
   else:
     data_state = _legacy_data_state(directory / LEGACY_DATA_ITEM)
-    items = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
+    items = _read_checked(step, directory, lambda: manager.restore(
+        step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target))))
     data_iterator.set_state(data_state)
   restored = items["state"]
   if isinstance(target, dict):
     return abstract_state.replace(**restored)
   return restored
+
+
+DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/, never read
+
+
+def restore_latest(manager, abstract_state, data_iterator):
+  """Restores the newest readable checkpoint, falling back past damage.
+
+  A checkpoint that cannot be read is reported (its step, the file, the
+  cause) and, once an older one has been restored, moved to
+  WORKDIR/damaged_checkpoints/ (not deleted; later saves of its step do
+  not collide with it). Nothing is moved when no checkpoint can be read.
+
+  Returns:
+    (state, step), or (None, None) when the workdir has no checkpoint.
+
+  Raises:
+    RuntimeError listing every checkpoint tried, when none can be read.
+  """
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state = restore(manager, step, abstract_state, data_iterator)
+    except DamagedCheckpoint as error:
+      logging.warning("Checkpoint %d of %s cannot be read: %s: %s. Trying "
+                      "the previous one.", step, manager.directory,
+                      error.path, error.cause)
+      damaged.append(error)
+      continue
+    if damaged:
+      _move_aside(manager, [d.step for d in damaged])
+      logging.warning(
+          "Resumed from checkpoint %d instead of the damaged %s; the "
+          "damaged one(s) are in %s.", step,
+          ", ".join(str(d.step) for d in damaged),
+          epath.Path(manager.directory).parent / DAMAGED_DIR)
+    return state, step
+  if damaged:
+    raise RuntimeError(
+        f"no readable checkpoint in {manager.directory}; tried:\n" +
+        "\n".join(f"  {d}" for d in damaged) +
+        "\nNothing was moved or deleted. Move the damaged step folders "
+        "elsewhere to start this workdir afresh, or restore them from a "
+        "copy.")
+  return None, None
+
+
+def _move_aside(manager, steps):
+  """Moves checkpoint steps to WORKDIR/damaged_checkpoints (process 0)."""
+  root = epath.Path(manager.directory)
+  target = root.parent / DAMAGED_DIR
+  if jax.process_index() == 0:
+    target.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for step in steps:
+      (root / str(step)).rename(target / f"{step}.{stamp}")
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("plca_jax damaged checkpoints moved")
+  manager.reload()
 
 
 def _legacy_position(inner, path):

@@ -2,14 +2,20 @@
 
 `setup(workdir, verbosity)` keeps every log record (plca_jax's and the
 libraries': orbax, absl, jax, grain, clu, TensorFlow) at INFO in
-WORKDIR/logs/process_<i>.log, and lets through to the console only
+WORKDIR/logs/process_<i>.log (for a gs:// workdir, written locally and
+copied there every minute and at exit), and lets through to the console only
 plca_jax's INFO lines (start-up summary, one line per log step, evaluation
 tables) and WARNING and above from anyone. `--verbosity=1` (or more) shows
 the libraries' INFO lines on the console too.
 """
 
+import atexit
+import contextlib
 import logging as std_logging
 import os
+import sys
+import threading
+import time
 
 from absl import logging
 from etils import epath
@@ -36,6 +42,8 @@ class ConsoleFilter(std_logging.Filter):
 
 FILE_ONLY = {"file_only": True}  # logging.info(..., extra=FILE_ONLY)
 
+_log_file = None  # this process's log file, once `setup` has run
+
 
 def log_path(workdir, process_index=0):
   """WORKDIR/logs/process_<i>.log (a local directory for gs:// workdirs)."""
@@ -44,6 +52,44 @@ def log_path(workdir, process_index=0):
     root = os.path.join("/tmp", "plca_jax_logs",
                         root.split("://", 1)[1].replace("/", "_"))
   return os.path.join(root, "logs", f"process_{process_index}.log")
+
+
+UPLOAD_SECONDS = 60
+
+
+def keep_beside(local, remote, every=UPLOAD_SECONDS):
+  """Copies the local log file to `remote` every `every` s and at exit.
+
+  For gs:// workdirs, whose log files are written locally first: the
+  copies outlive the VM. Returns a function that stops the copies after a
+  last one.
+  """
+  def upload():
+    try:
+      epath.Path(remote).parent.mkdir(parents=True, exist_ok=True)
+      epath.Path(local).copy(epath.Path(remote), overwrite=True)
+    except Exception as error:  # pylint: disable=broad-except
+      logging.warning("Could not copy the log to %s: %s", remote, error,
+                      extra=FILE_ONLY)
+
+  stop = threading.Event()
+
+  def loop():
+    while not stop.wait(every):
+      upload()
+
+  thread = threading.Thread(target=loop, daemon=True,
+                            name="plca_jax-log-upload")
+  thread.start()
+
+  def final():
+    if not stop.is_set():
+      stop.set()
+      thread.join()
+      upload()
+      atexit.unregister(final)
+  atexit.register(final)
+  return final
 
 
 def setup(workdir, verbosity=0):
@@ -63,7 +109,57 @@ def setup(workdir, verbosity=0):
   root.setLevel(min(root.level or std_logging.INFO, std_logging.INFO))
   # TensorFlow's C++ logging (imported by TFDS / TensorBoard writers).
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  global _log_file
+  _log_file = path
+  if "://" in str(workdir):
+    keep_beside(path, str(epath.Path(workdir) / "logs" /
+                          os.path.basename(path)))
   return path
+
+
+@contextlib.contextmanager
+def stderr_to_log(linger=0.0):
+  """Sends what C and C++ code writes to stderr (fd 2) into the log file.
+
+  For libraries that print past Python's logging: TensorFlow's start-up
+  lines (its C++ logging ignores TF_CPP_MIN_LOG_LEVEL before
+  absl::InitializeLog), and the callbacks of tensorstore reads still in
+  flight when orbax gives up on a damaged checkpoint. When the body raises,
+  `linger` seconds are waited before stderr comes back, for such late
+  writers. A no-op before `setup` (no log file yet).
+  """
+  if _log_file is None:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(_log_file, "a") as log:
+      os.dup2(log.fileno(), 2)
+      try:
+        yield
+      except BaseException:
+        time.sleep(linger)
+        raise
+      finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+  finally:
+    os.close(saved)
+
+
+def import_tensorflow_quietly():
+  """Imports TensorFlow (if installed) with its start-up lines in the log.
+
+  clu's metric writers and periodic actions import it; importing it here
+  first keeps "oneDNN custom operations are on ..." and absl's
+  "All log messages before absl::InitializeLog() ..." off the console.
+  """
+  with stderr_to_log():
+    try:
+      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      pass
 
 
 def format_duration(seconds):

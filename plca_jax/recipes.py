@@ -20,6 +20,7 @@ Runs are the same as the separate commands in the README ("Methods").
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -29,6 +30,7 @@ from ml_collections import config_flags
 from plca_jax import checkpointing
 from plca_jax import console
 from plca_jax import methods
+from plca_jax import run_lock
 from plca_jax import train
 from plca_jax.methods import mbt
 
@@ -111,6 +113,8 @@ def _define_flags():
   config_flags.DEFINE_config_file("config", None, "Config file (get_config).",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "One folder per run goes here.")
+  flags.DEFINE_bool("force", False, "Take over the workdir's lock from a "
+                    "recipe known to be gone (plca_jax.run_lock).")
 
 
 def main(argv):
@@ -118,7 +122,15 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   log_file = console.setup(FLAGS.workdir, FLAGS.verbosity)
   logging.info("Full log: %s", log_file)
-  result = RECIPES[FLAGS.recipe](FLAGS.config, FLAGS.workdir)
+  try:
+    lock = run_lock.RunLock(FLAGS.workdir).acquire(force=FLAGS.force)
+  except run_lock.WorkdirLocked as error:
+    logging.error("%s", error)
+    sys.exit(3)
+  try:
+    result = RECIPES[FLAGS.recipe](FLAGS.config, FLAGS.workdir)
+  finally:
+    lock.release()
   logging.info("recipe %s: result in %s", FLAGS.recipe, result)
 
 

