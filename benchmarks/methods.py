@@ -21,7 +21,10 @@ updates and evaluation) in its own process, and prints the target mIoU
   (poly horizon the same), evaluated through the translation network (its
   protocol); its time per update is over both phases;
 - plca: with test-time aggregation (its protocol), and "plca (no TTA)", the
-  same checkpoint evaluated without it.
+  same checkpoint evaluated without it;
+- dacs: mean teacher + ClassMix (configs/dacs.py's settings on the demo);
+  dacs_plca: the same with PLCA's objective on the source-target pair
+  (`--config.dacs.plca_terms=True`); both without test-time aggregation.
 
 Runs go to --workdir/<method>_<seed>; an existing finished run is reused
 (delete it to re-run). Results are also written to --workdir/results.json.
@@ -37,7 +40,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("source_only", "adaptsegnet", "fda", "fda_mbt", "pixel_contrast",
-           "ldr", "plca")
+           "ldr", "plca", "dacs", "dacs_plca")
 BETAS = (0.01, 0.05, 0.09)
 LDR_TRANSLATION_STEPS = 200  # configs/ldr.py's demo phase 1
 
@@ -138,6 +141,9 @@ def run_seed(root, method, seed, steps):
           f"--config.ldr.translation_steps={LDR_TRANSLATION_STEPS}",
           config="configs/ldr.py")
     return {"ldr": result(workdir)}
+  if method == "dacs_plca":
+    train(workdir, "dacs", seed, steps, "--config.dacs.plca_terms=True")
+    return {"dacs_plca": result(workdir)}
   if method == "fda":
     workdir = os.path.join(root, f"fda_{seed}")
     train(workdir, "fda", seed, steps, "--config.fda.beta=0.01")

@@ -12,9 +12,9 @@
 #       CUDA_VISIBLE_DEVICES. FLAGS go to plca_jax.main; `--` comes last.
 #       --autotune sets XLA's GPU autotuning level
 #       (XLA_FLAGS=--xla_gpu_autotune_level=LEVEL): 0 skips timing kernel
-#       candidates, which makes the R101 update compile in about half a
-#       minute on an H200 instead of not finishing within minutes, at the
-#       price of untuned kernels (docs: Cloud TPU and GPU). Default: XLA's.
+#       candidates, which otherwise takes minutes for the R101 update's
+#       first compile, at the price of untuned kernels (README, "Running on
+#       GPUs"). Default: XLA's.
 #
 # Every command prints the commands it runs; with --dry-run it only prints
 # them.

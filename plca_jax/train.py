@@ -1,8 +1,8 @@
 """Training for every method: train state, the jitted update, the loop.
 
-One update (SPEC.md section 3) consumes `config.train.grad_accum_steps`
-micro-batches of `config.train.batch_size` source and as many target images
-(global). The method (`config.method`, `plca_jax.methods`) gives, per
+One update (docs/method.md, Optimisation) consumes
+`config.train.grad_accum_steps` micro-batches of `config.train.batch_size`
+source and as many target images (global). The method (`config.method`, `plca_jax.methods`) gives, per
 micro-batch, the gradients of each of its parameter trees (PLCA: source
 and target as two forward passes, per-domain BatchNorm statistics over the
 global batch, the PLCA objective); they are averaged over micro-batches and
@@ -133,6 +133,8 @@ def train_step(state, batch, rng, phase=0, *, method):
              if n in grads else
              t.replace(step=t.step + 1, batch_stats=stats[n]))
          for n, t in trees.items()}
+  # Trees moved otherwise than by gradients (e.g. DACS's EMA teacher).
+  new = method.after_update(new, state.step)
   new_state = new.pop(base.SEGMENTATION).replace(extra=new)
   classes = [t.pop("target_classes") for t in terms if "target_classes" in t]
   scalars = jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *terms)

@@ -9,6 +9,7 @@ from absl.testing import parameterized
 import pytest
 
 from configs import adaptsegnet
+from configs import dacs
 from configs import default
 from configs import demo
 from configs import fda
@@ -26,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class ConfigsTest(parameterized.TestCase):
 
   def test_paper_schedules(self):
-    # SPEC.md section 3: epoch = ceil(2975 / 4 / 2) = 372 updates.
+    # docs/method.md, Optimisation: epoch = ceil(2975 / 4 / 2) = 372 updates.
     config = synthia.get_config()
     self.assertEqual((config.train.num_steps, config.optim.schedule_steps),
                      (8 * 372, 10 * 372))
@@ -46,7 +47,7 @@ class ConfigsTest(parameterized.TestCase):
 
   @parameterized.parameters(demo, gta5, synthia, synthia_r18, test_config,
                             adaptsegnet, fda, source_only, pixel_contrast,
-                            ldr)
+                            ldr, dacs)
   def test_every_key_is_declared_in_default(self, module):
     keys = lambda c, p="": {p + k for k in c.keys()} | set().union(
         *[keys(v, f"{p}{k}.") for k, v in c.items() if hasattr(v, "keys")])

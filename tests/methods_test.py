@@ -49,8 +49,9 @@ class RegistryTest(absltest.TestCase):
   def test_misspelt_method_lists_the_methods(self):
     config = _config("plca")
     config.method = "adaptsegnt"
-    with self.assertRaisesRegex(ValueError, "'adaptsegnt'.*adaptsegnet, fda, "
-                                "ldr, pixel_contrast, plca, source_only"):
+    with self.assertRaisesRegex(ValueError, "'adaptsegnt'.*adaptsegnet, "
+                                "dacs, fda, ldr, pixel_contrast, plca, "
+                                "source_only"):
       methods.get_method(config)
 
   def test_every_method_block_is_in_the_default_config(self):
@@ -65,9 +66,9 @@ class BatchNormOrderTest(absltest.TestCase):
 
   @pytest.mark.slow
   def test_plca_runs_target_then_source(self):
-    # SPEC.md s. 1: the release's running statistics are those of a target
-    # pass followed by a source pass. Training-mode batch statistics do not
-    # depend on the running ones, so each domain's pass alone from the same
+    # docs/method.md, Network: the release's running statistics are those
+    # of a target pass followed by a source pass. Training-mode batch
+    # statistics do not depend on the running ones, so each domain's pass alone from the same
     # start gives bs_d = m * bs0 + (1 - m) * mu_d, and target-then-source is
     # m * bs_t + (1 - m) * mu_s = m * bs_t + bs_s - m * bs0.
     config = _config("plca")

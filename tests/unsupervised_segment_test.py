@@ -36,6 +36,22 @@ def _scene(h=48, w=64, seed=0):
 SMALL = dict(channels=32, n_segments=200, compactness=10, max_iters=100)
 
 
+class SuperpixelDefaultTest(absltest.TestCase):
+
+  def test_the_default_count_scales_with_the_image(self):
+    self.assertEqual(us.default_superpixels(321, 481), 10_000)
+    self.assertEqual(us.default_superpixels(96, 96), 597)
+    image, truth = _scene(96, 96)
+    # 10,000 asked of 9,216 pixels: every pixel its own superpixel, and
+    # the refinement cannot merge anything.
+    self.assertEqual(int(us.superpixels_of(image, 10_000).max()) + 1,
+                     96 * 96)
+    self.assertBetween(int(us.superpixels_of(image).max()) + 1, 400, 800)
+    segments, _ = us.segment_image(image, channels=32, max_iters=100)
+    self.assertLessEqual(len(np.unique(segments)), 5)
+    self.assertGreater(us.best_match_iou(segments, truth)[1], 0.9)
+
+
 class PartsTest(absltest.TestCase):
 
   def test_refine_is_the_superpixel_majority(self):

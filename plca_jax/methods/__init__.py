@@ -6,6 +6,7 @@ see `plca_jax/methods/base.py` and the README ("Adding a method").
 
 from plca_jax.methods import adaptsegnet
 from plca_jax.methods import base
+from plca_jax.methods import dacs
 from plca_jax.methods import fda
 from plca_jax.methods import ldr
 from plca_jax.methods import pixel_contrast
@@ -19,6 +20,7 @@ METHODS = {
     "fda": fda.FDA,
     "pixel_contrast": pixel_contrast.PixelContrast,
     "ldr": ldr.LDR,
+    "dacs": dacs.DACS,
 }
 
 

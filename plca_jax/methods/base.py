@@ -23,7 +23,9 @@ declares
   the gradients of each parameter tree it trains for one micro-batch, the
   new BatchNorm statistics and scalars to log; a method trained in phases
   (LDR: its translation networks, then segmentation) says which update
-  belongs to which with `phase_of(step)`.
+  belongs to which with `phase_of(step)`; a tree moved otherwise than by
+  its gradients (DACS's teacher, an average of the student) is set in
+  `after_update(trees, step)`, after the optimizer updates.
 
 `plca_jax.train` does the rest for every method alike: the train state of
 every tree, the jitted and sharded step (micro-batch accumulation, one
@@ -146,6 +148,20 @@ class Method:
       names in every phase (the log's metrics are declared once).
     """
     raise NotImplementedError
+
+  def after_update(self, trees, step):
+    """Every tree after the update's optimizer steps -> the trees kept.
+
+    Args:
+      trees: {tree: TrainState}, the segmentation network's included, with
+        this update's optimizer steps applied.
+      step: the update's step (int32 scalar; 0 for the first update).
+
+    Returns:
+      the trees (unchanged by default).
+    """
+    del step
+    return trees
 
 
 def encode(images, config):

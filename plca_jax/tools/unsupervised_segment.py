@@ -16,8 +16,10 @@ DIR/<name>_labels.png (segments 0..K-1, uint8 or uint16) and
 DIR/<name>_overlay.png (a colour per segment over the image), and prints
 the number of segments. As the paper: BatchNorm on batch statistics
 throughout, input scaled to [0, 1], 100 channels, 2 3x3 convs, 3 labels,
-SLIC with 10,000 superpixels and compactness 100 (for images of a few
-hundred pixels a side; fewer on small images, `n_segments`).
+SLIC with compactness 100 and 10,000 superpixels for an image of the
+paper's size (BSD500, 481x321 pixels), i.e. one superpixel per ~15 pixels:
+the default count scales with the image (597 for 96x96; `n_segments` sets
+it).
 
 Features of a trained plca_jax network instead of the RGB pixels:
 
@@ -123,8 +125,22 @@ def _sgd(learning_rate, momentum):
   return optax.sgd(learning_rate, momentum)
 
 
-def superpixels_of(image, n_segments=10000, compactness=100.0):
-  """(H, W) int32 SLIC superpixel ids 0..S-1 of a uint8 RGB image."""
+# Kanezaki's 10,000 superpixels were for BSD500 images of 481x321 pixels.
+PAPER_SUPERPIXELS, PAPER_PIXELS = 10_000, 481 * 321
+
+
+def default_superpixels(height, width):
+  """The paper's superpixel density for an image of this size."""
+  return max(1, round(PAPER_SUPERPIXELS * height * width / PAPER_PIXELS))
+
+
+def superpixels_of(image, n_segments=None, compactness=100.0):
+  """(H, W) int32 SLIC superpixel ids 0..S-1 of a uint8 RGB image.
+
+  `n_segments` (about; None or 0: `default_superpixels` of the image).
+  """
+  if not n_segments:
+    n_segments = default_superpixels(*image.shape[:2])
   sp = sk_segmentation.slic(image, n_segments=n_segments,
                             compactness=compactness, start_label=0)
   _, ids = np.unique(sp, return_inverse=True)
@@ -260,7 +276,7 @@ class FeatureExtractor:
     return self._features(self.variables, jnp.asarray(image))
 
 
-def segment_image(image, extractor=None, *, n_segments=10000,
+def segment_image(image, extractor=None, *, n_segments=None,
                   compactness=100.0, **kwargs):
   """uint8 RGB image -> (segments, info)."""
   inputs = (image.astype(np.float32) / 255.0 if extractor is None
@@ -317,7 +333,8 @@ def _define_flags():
   flags.DEFINE_integer("min_labels", 3, "Stop at this many labels.")
   flags.DEFINE_integer("max_iters", 1000, "Stop after this many steps.")
   flags.DEFINE_float("learning_rate", 0.1, "SGD learning rate.")
-  flags.DEFINE_integer("n_segments", 10000, "SLIC superpixels (about).")
+  flags.DEFINE_integer("n_segments", 0, "SLIC superpixels (about); 0: the "
+                       "paper's density, 10,000 for 481x321 pixels.")
   flags.DEFINE_float("compactness", 100.0, "SLIC compactness.")
   flags.DEFINE_integer("seed", 0, "Initialisation of the net.")
 
