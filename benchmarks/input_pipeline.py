@@ -2,7 +2,7 @@ r"""Images per second of the training input pipeline on SYNTHIA-sized files.
 
 Writes a SYNTHIA-RAND-CITYSCAPES-format dataset of 1280x760 PNGs (RGB
 images, 16-bit 3-channel labels) to a temporary directory, then times the
-training stream of SPEC.md section 4 (decode, random shorter-edge resize
+training stream of docs/method.md, Data (decode, random shorter-edge resize
 to [760, 988], flip, 730x730 crop, batches of 4) with 0 (in-process, grain's
 read threads), 1 and 2 grain worker processes; and, for comparison, with the
 BGR-mean float32 encoding done on the host instead of on the device.

@@ -23,12 +23,10 @@ update (benchmarks/torch_network.py --serve, in a process of its own; for
 each term set the same terms, for `all` computed the release's way,
 benchmarks/torch_plca.py), so that both see the same machine load: this
 shared machine's speed drifts by tens of percent within an hour, which
-makes figures from separate runs hard to compare. (Until session 13 the
-PyTorch update ran in this process; there both libraries' allocations
-shared one heap, and the update after each PyTorch update page-faulted
-parts of its buffers in again: 0.4M minor faults and 3 s of system time
-on the first rounds, and both sides were slower: CE only 3.30 s against
-2.92 s, and 3.11 s against 2.77 s with PyTorch in its own process.)
+makes figures from separate runs hard to compare. PyTorch runs in its own
+process because in this one both libraries' allocations share a heap, and
+the update after each PyTorch update page-faults its buffers in again
+(both sides about 10% slower).
 
     python benchmarks/step.py                        # R101, 321x321, all
     python benchmarks/step.py --terms=ce,lovasz,lsr,all --remat=block

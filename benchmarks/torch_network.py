@@ -3,10 +3,10 @@ r"""PyTorch reference: the same DeepLab-V2's update on this CPU.
 The authors' release cannot be downloaded here, so its figures in the README
 were measured elsewhere. This times the network part of its update on the
 machine at hand, for calibration: the PyTorch DeepLab-V2 of the tests
-(tests/torch_models.py, SPEC.md s. 1), train mode, one target and one source
-forward pass (separate BatchNorm batches), pixel cross-entropy on the source
-logits, backward, an SGD step. `--terms` adds terms as `benchmarks/step.py
---terms` does: `lovasz` (+ Lovasz-softmax, weight 3), `lsr` (+ LSR on both
+(tests/torch_models.py; docs/method.md, Network), train mode, one target
+and one source forward pass (separate BatchNorm batches), pixel
+cross-entropy on the source logits, backward, an SGD step. `--terms` adds
+terms as `benchmarks/step.py --terms` does: `lovasz` (+ Lovasz-softmax, weight 3), `lsr` (+ LSR on both
 domains, back-propagating through the target pass too), `all` (every PLCA
 term computed the release's way, benchmarks/torch_plca.py: dense similarity
 matrices, autograd; `--plca` is the same). torch's default thread count.

@@ -2,7 +2,7 @@
 
 A same-machine, same-hour reference for `benchmarks/step.py` and
 `benchmarks/association.py`: the release itself cannot be downloaded here,
-so this re-states its loss computation in PyTorch from SPEC.md section 2
+so this re-states its loss computation in PyTorch from docs/method.md, Losses
 and the structure of its solver: dense (N, L, L) similarity matrices,
 autograd through everything, the D_ts rows of the cosine as the transpose
 of D_st, `torch.max` over every D_ts row and a gather at j*, BCE on the
@@ -94,7 +94,7 @@ def pixel_set(x):
 
 
 def plca_loss(out_s, out_t, labels, beta1=3.0):
-  """The full objective of one micro-batch (SPEC.md s. 2).
+  """The full objective of one micro-batch (docs/method.md, Losses).
 
   out_s, out_t: (features, logits) NCHW at stride 8; labels (N, H, W) at
   the input size.

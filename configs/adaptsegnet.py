@@ -17,7 +17,7 @@ aggregation. Deviations, for the project's one pipeline: both domains are
 resized to a 512-pixel shorter edge and cropped to 512x1024 (the authors
 resize GTA5 to 1280x720 and Cityscapes to 1024x512 without cropping); the
 SYNTHIA setting trains the 16 classes and reports mIoU13 (the authors
-train 13); BatchNorm as in the project (SPEC.md s. 1).
+train 13); BatchNorm as in the project (docs/method.md, Network).
 """
 
 from configs import default

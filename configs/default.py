@@ -1,4 +1,4 @@
-"""Default configuration: declares every field (SPEC.md values).
+"""Default configuration: declares every field (docs/method.md values).
 
 Dataset configs (synthia.py, gta5.py, demo.py, test.py) import this and
 override only what differs, so `lock_config` rejects misspelt keys.
@@ -42,7 +42,8 @@ def use_synthetic_domains(config, *, num_train, num_eval, height, width):
 
 def use_paper_setting(config, source, num_classes, train_epochs,
                       horizon_epochs):
-  """X -> Cityscapes as in the paper: R101, ImageNet backbone, SPEC s. 3."""
+  """X -> Cityscapes as in the paper: R101, ImageNet backbone
+  (docs/method.md, Optimisation)."""
   config.model.depth = 101
   config.model.num_classes = num_classes
   config.data.source = domain(source)
@@ -176,9 +177,9 @@ def get_config():
   # AdaptSegNet and FDA draw them from N(0, 0.01) ("normal_0.01").
   config.model.head_init = "torch_default"
 
-  # SPEC.md section 2. The ablation ladder of the paper's Table 1 is
+  # docs/method.md, Losses. The ablation ladder of the paper's Table 1 is
   # use_ce; +use_lovasz; +use_fass; +use_cass; +use_lsr.
-  # SPEC.md sections 4 and 5.
+  # docs/method.md, Data and Evaluation.
   config.data = ml_collections.ConfigDict()
   config.data.source = domain("synthia")
   config.data.target = domain("cityscapes", split="train",
@@ -250,9 +251,10 @@ def get_config():
   # True: methods that train on source and target images (PLCA,
   # AdaptSegNet, LDR) send both domains through the network as one batch of
   # 2B images with per-domain BatchNorm groups (methods.base.forward_pair):
-  # the same outputs, gradients and running statistics as the two passes of
-  # SPEC s. 1 up to float rounding. Off by default: on this CPU the full
-  # R101 update was not measurably faster (README "Memory and speed").
+  # the same outputs, gradients and running statistics as two passes
+  # (docs/method.md, Network) up to float rounding. Off by default: the
+  # full R101 update was not measurably faster on a CPU
+  # (benchmarks/step.py --one_pass=both).
   config.train.domains_in_one_pass = False
 
   config.optim = ml_collections.ConfigDict()
@@ -300,9 +302,8 @@ def get_config():
   config.loss.chunk_size = 256
   # ... for images of more grid pixels than this (730x730: 8464); smaller
   # ones run unchunked, where the whole (L x L) matrices are small and one
-  # chunk is faster: at 321x321 (1681 pixels) 0.35 s less per R101 update;
-  # the association alone is as fast either way at 48x48 and 10% slower
-  # unchunked at 64x64 (README "The update in session 13").
+  # chunk is faster (benchmarks/association.py --size=41
+  # --chunk_sizes=none,256: unchunked is faster up to about 48x48 grids).
   config.loss.chunk_above_pixels = 2048
 
   # The other methods' blocks, declared by their modules.

@@ -23,7 +23,7 @@ aggregation. The update count (100k under a 150k poly horizon) follows
 AdaptSegNet's recipe; it was not checked against FDA's own training
 script, which cannot be downloaded here. Deviations: both domains are resized to a 512-pixel
 shorter edge and cropped (the authors resize both to 1024x512); BatchNorm
-as in the project (SPEC.md s. 1).
+as in the project (docs/method.md, Network).
 """
 
 from configs import default

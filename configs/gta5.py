@@ -1,4 +1,4 @@
-"""GTA5 -> Cityscapes, the paper's setting (SPEC.md sections 1-5).
+"""GTA5 -> Cityscapes, the paper's setting (docs/method.md).
 
     python -m plca_jax.main --config=configs/gta5.py --workdir=DIR \\
       --config.data.source.root=/data/GTA5 \\

@@ -1,4 +1,4 @@
-"""SYNTHIA -> Cityscapes, the paper's setting (SPEC.md sections 1-5).
+"""SYNTHIA -> Cityscapes, the paper's setting (docs/method.md).
 
     python -m plca_jax.main --config=configs/synthia.py --workdir=DIR \\
       --config.data.source.root=/data/SYNTHIA \\
@@ -11,7 +11,8 @@ accumulated micro-batches, 8 epochs of updates (2976) under a 10-epoch poly
 horizon (3720). Published: 46.8 mIoU16 / 54.0 mIoU13 (paper), 46.9 for the
 released checkpoint. `lovasz_weight` 3.0 is the release's effective beta1
 on its README's 2-GPU launch: 0.75 x 2 GPUs x 2 micro-batches
-(`default.release_lovasz_weight`; the paper states 0.75, SPEC.md s. 2).
+(`default.release_lovasz_weight`; the paper states 0.75; docs/method.md,
+Losses).
 `init_from` should hold the converted Caffe DeepLab ResNet-101 (README,
 "Weights"; the head starts from its random init, hence
 `init_allow_missing="classifier"`).

@@ -1,4 +1,4 @@
-"""Evaluation on the target validation set (SPEC.md section 5).
+"""Evaluation on the target validation set (docs/method.md, Evaluation).
 
 Images are resized by the input pipeline (730x1460 by default); the network
 runs in eval mode; with test-time aggregation (`config.eval.aggregate`)

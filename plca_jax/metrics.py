@@ -43,7 +43,7 @@ def segmentation_scores(confusion, class_names):
   """Per-class IoU, mIoU (and mIoU13 for 16 classes), pixel accuracy.
 
   A class absent from both labels and predictions has IoU NaN and is left
-  out of the means (SPEC.md section 5).
+  out of the means (docs/method.md, Evaluation).
 
   Returns:
     dict of Python floats: "miou", "pixel_accuracy", optionally "miou13",

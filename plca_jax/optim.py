@@ -1,4 +1,6 @@
-"""Optimizers and learning-rate schedules the methods build on (SPEC.md s. 3).
+"""Optimizers and learning-rate schedules the methods build on.
+
+docs/method.md, Optimisation.
 
 The segmentation network of every method trains with SGD + momentum, L2
 weight decay added to the gradients, a poly learning rate with its own

@@ -2,8 +2,7 @@
 count, in one place.
 
 XLA:CPU needs two changes to run the ResNet backward near PyTorch's speed
-(measured: ../shared/STACK.md, README "Performance"); neither applies to
-GPU or TPU, where XLA uses cuDNN / emits convolution gradients natively:
+(benchmarks/step.py --cpu_kernels=both); neither applies to GPU or TPU, where XLA uses cuDNN / emits convolution gradients natively:
 - convolutions go to XLA's own (Eigen) kernels instead of YNNPACK, whose
   weight-gradient convolutions (a window over the whole output gradient)
   were 1.5-6x slower;
@@ -71,30 +70,24 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 def keep_freed_host_memory():
   """Makes glibc keep freed memory for reuse instead of unmapping it.
 
-  XLA:CPU allocates each execution's temporary buffer (2.9 GB for the R101
-  update at 321x321) with malloc, which glibc serves from a fresh mmap and
+  XLA:CPU allocates each execution's temporary buffer (gigabytes for the
+  R101 update) with malloc, which glibc serves from a fresh mmap and
   unmaps on free, so every update page-faults its whole working set in
-  again: measured 790k minor faults and 2.1 s of system CPU time per
-  update. Three settings make the freed blocks reused, at most a few
-  thousand faults per update from the second on:
+  again. Three settings make the freed blocks reused:
   - glibc: no mmap for large blocks, no trimming;
   - CPU computations run in the thread that calls them
     (`jax_cpu_enable_async_dispatch=False`), so an update's temporary
-    buffer comes from the main thread's arena. Dispatched asynchronously,
-    it was allocated on one of XLA's worker threads, whose arena is a
-    chain of 64 MB heaps: there glibc maps any larger block afresh,
-    whatever the mmap settings (measured: 435k faults, 2.9 s of system
-    time per CE-only R101 update at 321x321);
+    buffer comes from the main thread's arena: on an XLA worker thread,
+    whose arena is a chain of 64 MB heaps, glibc maps any larger block
+    afresh whatever the mmap settings;
   - the number of arenas stays glibc's (8 per core), so each thread
     allocates small blocks from its own: the convolutions' GEMM (oneDNN
     under Eigen) mallocs packing buffers on every call from every worker
-    thread, and with one arena for all (sessions 8-13 set M_ARENA_MAX=1)
-    those calls contended for its lock and searched one heap of every
-    freed block: _int_malloc was 5.5% of the CPU samples of the full
-    update (perf).
-  The full R101 update at 321x321 (all terms, separate processes,
-  alternating, median of 6): 5.23 s with these settings against 7.18 s
-  with one arena; CE only 3.13 s against 3.54 s (median of 4).
+    thread, and one arena for all makes those calls contend for its lock.
+  Together they make the R101 update at 321x321 about 1.4x faster on a
+  2-core CPU (`benchmarks/step.py --host_memory=keep` against
+  `--host_memory=default`); tests/xla_test.py checks that freed blocks
+  are reused without page faults.
 
   Host RSS stays at its peak, which a training process reaches every
   update anyway. Must run before the first use of a device (XLA's threads

@@ -20,7 +20,7 @@ from plca_jax.data.sources import gta5
 from plca_jax.data.sources import synthia
 from tests import fixtures
 
-# Independent copies of SPEC.md section 4's tables (not imported from
+# Independent copies of docs/method.md, Data's tables (not imported from
 # plca_jax.data.labels, so that a wrong table there fails here).
 SYNTHIA_TO_16 = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8,
                  1: 9, 10: 10, 17: 11, 8: 12, 19: 13, 12: 14, 11: 15}

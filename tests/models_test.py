@@ -1,4 +1,4 @@
-"""Tests of the DeepLab-V2 / ResNet models (SPEC.md section 1)."""
+"""Tests of the DeepLab-V2 / ResNet models (docs/method.md, Network)."""
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -112,7 +112,8 @@ class DeepLabV2Test(parameterized.TestCase):
 
   def test_head_initialisation_matches_pytorch_default(self):
     # The release leaves its ASPP convs at torch's default Conv2d init:
-    # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 9 * C_in (SPEC.md s. 1).
+    # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 9 * C_in
+    # (docs/method.md, Network).
     c_in, classes = 256, 16
     x = jnp.zeros((1, 8, 8, c_in))
     torch.manual_seed(0)

@@ -32,7 +32,8 @@ class MultiDeviceTest(absltest.TestCase):
       self.assertLess(abs(one - eight), 1e-4 * max(abs(one), 1e-3), name)
     # The association of each image pair stays on its device: the only
     # cross-device gathers in the compiled step are the Lovasz inputs (its
-    # sort runs over the global batch at label resolution, SPEC.md s. 2);
+    # sort runs over the global batch at label resolution; docs/method.md,
+    # Losses);
     # no feature or stride-8 map is gathered.
     self.assertNotEmpty(r["all_gathers"])
     self.assertEqual(set(r["all_gathers"]), {r["lovasz_shape"]})

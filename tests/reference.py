@@ -1,6 +1,6 @@
 """Plain NumPy float64 reference implementations of the PLCA losses.
 
-Written independently of plca_jax, from SPEC.md section 2: full similarity
+Written independently of plca_jax, from docs/method.md, Losses: full similarity
 matrices, explicit loops, no chunking. Every stop-gradient quantity (row mean
 and std of the contrast normalisation, argmax choices, the LSR factor) is
 computed from the `frozen` inputs when given, so that finite differences of

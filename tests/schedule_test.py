@@ -19,6 +19,16 @@ from plca_jax import schedule
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _parse(config_file, *overrides):
+  """The config as plca_jax.main's command line parses it."""
+  argv = ["prog", f"--config={REPO}/configs/{config_file}", *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=values,
+                                  lock_config=True, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
 class ResolveTest(parameterized.TestCase):
 
   @parameterized.parameters(synthia, gta5)
@@ -72,27 +82,14 @@ class ResolveTest(parameterized.TestCase):
       schedule.resolve(config, 8)
 
   def test_batch_overrides_recompute_what_depends_on_it(self):
-    # Through the command line, as plca_jax.main parses it.
-    argv = ["prog", f"--config={REPO}/configs/synthia.py",
-            "--config.train.batch_size=2"]
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", flag_values=values,
-                                    lock_config=True, sys_argv=argv)
-    values(argv)
-    config = values.config
+    config = _parse("synthia.py", "--config.train.batch_size=2")
     # 4 images per update: ceil(2975 / 4) = 744 updates an epoch.
     self.assertEqual((config.train.num_steps, config.optim.schedule_steps),
                      (8 * 744, 10 * 744))
     self.assertEqual(config.loss.lovasz_weight, 1.5)  # 0.75 x 2 x 4 / 4
-    argv = ["prog", f"--config={REPO}/configs/gta5.py",
-            "--config.train.grad_accum_steps=4",
-            "--config.train.num_steps=100",
-            "--config.loss.lovasz_weight=0.75"]
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", flag_values=values,
-                                    lock_config=True, sys_argv=argv)
-    values(argv)
-    config = values.config
+    config = _parse("gta5.py", "--config.train.grad_accum_steps=4",
+                    "--config.train.num_steps=100",
+                    "--config.loss.lovasz_weight=0.75")
     # Set explicitly: kept. Derived: 16 images, 186 updates an epoch.
     self.assertEqual((config.train.num_steps, config.loss.lovasz_weight),
                      (100, 0.75))

@@ -1,4 +1,5 @@
-"""A PyTorch DeepLab-V2 per SPEC.md section 1, with the release's key names.
+"""A PyTorch DeepLab-V2 (docs/method.md, Network), with the release's key
+names.
 
 Test-only reference: torchvision-style ResNet keys (`conv1`, `bn1`,
 `layerL.B.convN`, `layerL.B.downsample.{0,1}`, `fc`), Caffe-style strides

@@ -2,7 +2,7 @@
 
 benchmarks/torch_plca.py is the same-machine reference the README's speed
 and memory comparisons are made against; this checks that it computes the
-losses of SPEC.md s. 2 (NumPy float64 reference, tests/reference.py).
+losses of docs/method.md, Losses (NumPy float64 reference, tests/reference.py).
 """
 
 from absl.testing import absltest

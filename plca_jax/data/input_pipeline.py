@@ -1,4 +1,6 @@
-"""Paired training batches and evaluation batches (SPEC.md sections 4, 5).
+"""Paired training batches and evaluation batches.
+
+docs/method.md, Data and Evaluation.
 
 Training reads one *global record stream* per run, the same on any number of
 processes. Each domain's stream is

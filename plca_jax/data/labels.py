@@ -1,6 +1,6 @@
 """The one table of classes: names, id -> trainId maps, class sets, palette.
 
-Class order is the standard Cityscapes trainId order (SPEC.md section 4).
+Class order is the standard Cityscapes trainId order (docs/method.md, Data).
 Three class sets are used:
 - 19 classes (GTA5 -> Cityscapes);
 - 16 classes (SYNTHIA -> Cityscapes): the 19 without terrain, truck, train;

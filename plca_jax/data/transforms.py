@@ -1,4 +1,4 @@
-"""grain transforms of SPEC.md sections 4 and 5, one job per class.
+"""grain transforms of docs/method.md, Data and Evaluation, one job per class.
 
 Elements are dicts with "image" uint8 (H, W, 3) RGB and "label" uint8 (H, W).
 Every other 2-D array field whose name ends in "label" (e.g. a method's

@@ -1,4 +1,4 @@
-"""The PLCA objective (SPEC.md section 2) and its public loss functions."""
+"""The PLCA objective (docs/method.md, Losses) and its public loss functions."""
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,7 @@ def plca_objective(source_outputs, target_outputs, source_labels, *,
   `sim_plca=True` replaces the contrastive association loss by
   -(D_st[i, j*] + D_ts[j*, i*]) on the raw similarities. The default
   lovasz_weight 1.5 is the release's effective beta1 (0.75 summed over its 2
-  accumulated micro-batches, SPEC section 2); the paper states 0.75.
+  accumulated micro-batches, docs/method.md, Losses); the paper states 0.75.
 
   Args:
     source_outputs: model output dict, "features" (N, h, w, C) and "logits"

@@ -1,4 +1,4 @@
-"""Pixel-level cycle association (SPEC.md section 2).
+"""Pixel-level cycle association (docs/method.md, Losses).
 
 Every similarity used here has the form D(a_i, b_j) = A_i . B_j + c_i:
 - `cos`: A = a / max(|a|, 1e-12), B likewise, c = 0;
@@ -63,7 +63,7 @@ def chunk_for(chunk_size, chunk_above_pixels, *maps):
   `chunk_size` (None: unchunked) where one of the maps has more than
   `chunk_above_pixels` pixels (H * W), else None: below that, the whole
   (L x L) matrices are small and one chunk is faster (`config.loss.
-  chunk_above_pixels`; measured in README "The update in session 13").
+  chunk_above_pixels`; benchmarks/association.py).
   """
   pixels = max(m.shape[1] * m.shape[2] for m in maps)
   return chunk_size if pixels > chunk_above_pixels else None
@@ -124,7 +124,8 @@ def _row_stats(d, normalize):
   Returns (mean, scale, lse), each (R, 1), such that the scores are
   softmax(z) = exp(z - lse) with z = (d - mean) / scale: the row mean and
   the unbiased std + 1e-10 for the contrast normalisation (`normalize`;
-  stop-gradient quantities, SPEC.md s. 2), mean 0 and scale 1 otherwise.
+  stop-gradient quantities; docs/method.md, Losses), mean 0 and scale 1
+  otherwise.
   """
   if normalize:
     mean, scale = _mean_scale(d, -1)

@@ -1,4 +1,6 @@
-"""Supervised and regularising losses: CE, Lovasz-softmax, LSR (SPEC.md s. 2).
+"""Supervised and regularising losses: CE, Lovasz-softmax, LSR.
+
+docs/method.md, Losses.
 
 Also the two resampling operations the losses need, matching PyTorch:
 `upsample_bilinear` (align_corners=False) and `downsample_labels` (`nearest`).

@@ -20,8 +20,8 @@ the authors' `train_gta2cityscapes_multi.py` does it:
   at the end of the iteration).
 
 Deviation: BatchNorm follows the project's treatment (batch statistics per
-domain in training; SPEC.md s. 1), where the authors' DeepLab freezes the
-affine BatchNorm parameters.
+domain in training; docs/method.md, Network), where the authors' DeepLab
+freezes the affine BatchNorm parameters.
 """
 
 import functools

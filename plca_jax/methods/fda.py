@@ -14,7 +14,7 @@ training code (`train.py`, `utils/__init__.py`) does it:
   and augmented with the image).
 
 Deviation: BatchNorm follows the project's treatment (batch statistics per
-domain in training; SPEC.md s. 1); the authors' DeepLab freezes it.
+domain in training; docs/method.md, Network); the authors' DeepLab freezes it.
 """
 
 import functools

@@ -1,4 +1,6 @@
-"""PLCA (Kang et al., NeurIPS 2020): the project's method (SPEC.md s. 2).
+"""PLCA (Kang et al., NeurIPS 2020): the project's method.
+
+docs/method.md, Losses.
 
 Per micro-batch, target then source go through the network with
 per-domain BatchNorm statistics over the global batch (`base.forward_pair`:
@@ -22,8 +24,8 @@ def micro_batch_loss(params, batch_stats, micro, *, model, config):
   `micro` is {"source": {"image", "label"}, "target": {...}} with uint8
   images (N, H, W, 3); the parameters are what gradients are taken of.
   """
-  # Target first, then source, as the release (SPEC.md s. 1): the running
-  # BatchNorm statistics used at evaluation lean to the source.
+  # Target first, then source, as the release (docs/method.md, Network):
+  # the running BatchNorm statistics used at evaluation lean to the source.
   out_s, out_t, batch_stats = base.forward_pair(model, params, batch_stats,
                                                micro, config, first="target")
   labels = base.labels_of(micro, "source")

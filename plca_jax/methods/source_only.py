@@ -43,7 +43,7 @@ class SourceOnly(base.Method):
   def default_config():
     return ml_collections.ConfigDict(dict(
         use_lovasz=False,  # add PLCA's Lovasz-softmax term
-        lovasz_weight=1.5,  # its weight when on (PLCA's, SPEC.md s. 2)
+        lovasz_weight=1.5,  # its weight when on (PLCA's default)
     ))
 
   def batch_fields(self, domain):

@@ -1,4 +1,7 @@
-"""DeepLab-V2: dilated ResNet + summed four-branch ASPP head (SPEC.md s. 1)."""
+"""DeepLab-V2: dilated ResNet + summed four-branch ASPP head.
+
+docs/method.md, Network.
+"""
 
 from typing import Any, Sequence
 
@@ -8,7 +11,8 @@ import jax.numpy as jnp
 
 from plca_jax.models import resnet
 
-# Initialisations of the head's convs (SPEC.md s. 1), by `head_init` name:
+# Initialisations of the head's convs (docs/method.md, Network), by
+# `head_init` name:
 # "torch_default" is PyTorch's default Conv2d init, kaiming-uniform with
 # a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = 9 * C_in:
 # what the PLCA release leaves its ASPP convs at. "normal_0.01" is N(0, 0.01),

@@ -1,4 +1,6 @@
-"""Caffe/DeepLab-flavoured ResNet-18/34/50/101 backbones (SPEC.md section 1).
+"""Caffe/DeepLab-flavoured ResNet-18/34/50/101 backbones.
+
+docs/method.md, Network.
 
 Written in Flax Linen rather than NNX: a Linen model is a pure function of a
 parameter pytree, so the train state, orbax checkpoints, shardings and buffer

@@ -1,4 +1,4 @@
-"""Cityscapes leftImg8bit + gtFine labelIds (SPEC.md section 4)."""
+"""Cityscapes leftImg8bit + gtFine labelIds (docs/method.md, Data)."""
 
 import os
 

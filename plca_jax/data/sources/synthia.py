@@ -1,4 +1,4 @@
-"""SYNTHIA-RAND-CITYSCAPES (SPEC.md section 4)."""
+"""SYNTHIA-RAND-CITYSCAPES (docs/method.md, Data)."""
 
 import os
 
