@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from plca_jax import losses
-from plca_jax.losses import association
+from plca_jax.losses import cos_cycle
+from plca_jax.losses import similarity
 from tests import reference
 
 
@@ -172,7 +173,7 @@ class AssociationTest(parameterized.TestCase):
     s32, t32 = jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)
     rs = jax.lax.rsqrt(jnp.sum(s32 * s32, -1))
     rt = jax.lax.rsqrt(jnp.sum(t32 * t32, -1))
-    mean, scale = association._cos_column_stats(s32, rs, t32, rt, 256)
+    mean, scale = cos_cycle.column_stats(s32, rs, t32, rt, 256)
     np.testing.assert_allclose(mean, d.mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(scale, d.std(axis=0, ddof=1) + 1e-10,
                                rtol=1e-4)
@@ -247,10 +248,10 @@ class AssociationTest(parameterized.TestCase):
                                  atol=1e-3 * float(jnp.max(jnp.abs(b))))
 
   def test_bce_gradient_is_zero_at_one_and_log_clamped(self):
-    g = jax.grad(association.bce_positive)
+    g = jax.grad(similarity.bce_positive)
     self.assertEqual(float(g(1.0)), 0.0)
     np.testing.assert_allclose(g(0.25), -4.0, rtol=1e-6)
-    self.assertEqual(float(association.bce_positive(0.0)), 100.0)
+    self.assertEqual(float(similarity.bce_positive(0.0)), 100.0)
     self.assertTrue(np.isfinite(g(0.0)))
 
   def test_cosine_normalisation_gradient_is_finite_at_zero(self):

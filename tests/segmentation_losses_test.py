@@ -15,6 +15,7 @@ import pytest
 from configs import default as default_config
 from configs import synthia as synthia_config
 from plca_jax import losses
+from plca_jax.losses import objective
 from plca_jax.losses import segmentation
 from tests import reference
 
@@ -333,7 +334,7 @@ class ObjectiveTest(parameterized.TestCase):
     seen = {}
     for above in (12, 11, 0):
       config.loss.chunk_above_pixels = above
-      with mock.patch.object(losses, "cycle_association",
+      with mock.patch.object(objective, "cycle_association",
                              wraps=losses.cycle_association) as spy:
         total, _ = losses.total_loss(config, src, tgt, labels)
       self.assertLen(spy.call_args_list, 2)  # fass and cass

@@ -26,8 +26,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from plca_jax.losses.association import at_least_f32
-from plca_jax.losses.association import NORM_EPS
+from plca_jax.losses.similarity import at_least_f32
+from plca_jax.losses.similarity import NORM_EPS
 
 
 def _normalize(x):

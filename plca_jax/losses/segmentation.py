@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from plca_jax import xla
-from plca_jax.losses import association
+from plca_jax.losses import similarity
 
 
 def _check_spatial(x, labels, what):
@@ -63,7 +63,7 @@ def cross_entropy(logits, labels, ignore_label=255):
     scalar float32.
   """
   _check_spatial(logits, labels, "logits")
-  logp = jax.nn.log_softmax(association.at_least_f32(logits), axis=-1)
+  logp = jax.nn.log_softmax(similarity.at_least_f32(logits), axis=-1)
   valid = labels != ignore_label
   safe = jnp.where(valid, labels, 0).astype(jnp.int32)
   nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
@@ -164,7 +164,7 @@ def lovasz_softmax(probs, labels, ignore_label=255, host_sort=None):
   """
   _check_spatial(probs, labels, "probs")
   m = probs.shape[-1]
-  p = association.at_least_f32(probs.reshape(-1, m))
+  p = similarity.at_least_f32(probs.reshape(-1, m))
   y = labels.reshape(-1)
   valid = (y != ignore_label)[:, None]
   fg = (y[:, None] == jnp.arange(m)[None, :]) & valid  # (P, M)
@@ -194,6 +194,6 @@ def lsr_loss(logits, lam=10.0):
   Returns:
     scalar float32.
   """
-  logp = jax.nn.log_softmax(association.at_least_f32(logits), axis=-1)
+  logp = jax.nn.log_softmax(similarity.at_least_f32(logits), axis=-1)
   r = -jnp.mean(logp, axis=-1)
   return jnp.mean(jax.lax.stop_gradient(r / lam - 1.0) * r)
