@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accelerator figures of README "Performance" in one run: seconds per
+# The accelerator figures of docs/performance.md in one run: seconds per
 # update and the device's peak memory (benchmarks/step.py) at the release's
 # 321x321 and the paper's 730x730 crops, XLA's buffers (benchmarks/memory.py)
 # and the association benchmark. Each part runs under its own time limit
@@ -28,7 +28,7 @@ part() {  # part LIMIT_S COMMAND...
   echo "### exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 }
 
-# First seen on an H200 (README "Performance"): with XLA's default
+# First seen on an H200 (docs/performance.md): with XLA's default
 # autotuning, the R18 129x129 update did not compile and run within 60 s
 # nor the R101 ones within 90-120 s; with XLA_FLAGS=--xla_gpu_autotune_level=0
 # the R101 321x321 update compiled in 32 s. Hence the generous limits, in

@@ -36,6 +36,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import report
 
 
 def _rss_mb():
@@ -204,6 +206,7 @@ def main():
   parser.add_argument("--chunk_sizes", default="none,256",
                       help="comma-separated; 'none' = one chunk")
   parser.add_argument("--repeats", type=int, default=2)
+  report.add_flag(parser)
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
 
@@ -238,6 +241,14 @@ def main():
           f"{r['step_s']:8.2f} {r['xla_temp_mb']:12.0f} "
           f"{r['step_rss_growth_mb']:13.0f} {r['process_peak_rss_mb']:16.0f} "
           f"{r['loss']:10.5f} {r['product_gflops']:16.0f}")
+  report.emit(args, ("chunk size", "compile s", "step s", "XLA temp MB",
+                     "step RSS +MB", "process peak MB", "loss",
+                     "product GFLOP/s"),
+              [(r["chunk_size"], f"{r['compile_s']:.1f}",
+                f"{r['step_s']:.2f}", f"{r['xla_temp_mb']:.0f}",
+                f"{r['step_rss_growth_mb']:.0f}",
+                f"{r['process_peak_rss_mb']:.0f}", f"{r['loss']:.5f}",
+                f"{r['product_gflops']:.0f}") for r in results])
   base = results[0]
   for r in results[1:]:
     print(f"chunk_size={r['chunk_size']} vs {base['chunk_size']}: time x"

@@ -21,6 +21,10 @@ import sys
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import report
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 RUNGS = (
     ("source only", dict(use_lovasz=False, use_fass=False, use_cass=False,
@@ -55,6 +59,7 @@ def _run(command, log):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--seeds", default="0,1,2")
+  report.add_flag(parser)
   parser.add_argument("--out", default="/tmp/plca_ladder")
   parser.add_argument("--rungs", default=",".join(str(i) for i in
                                                   range(len(RUNGS))))
@@ -95,6 +100,12 @@ def main():
     v = 100 * np.asarray(values)
     print(f"{name:<16}{v.mean():>30.2f} ± {v.std(ddof=1) if len(v) > 1 else 0:.2f}"
           f"  {', '.join(f'{x:.2f}' for x in v)}")
+  def spread(values):
+    v = 100 * np.asarray(values)
+    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0:.2f}"
+  report.emit(args, ("rung", "target mIoU, mean ± std", "per seed"),
+              [(name, spread(v), " / ".join(f"{100 * x:.2f}" for x in v))
+               for name, v in results.items()])
   if source_miou:
     v = 100 * np.asarray(source_miou)
     print(f"source only, evaluated on source val: {v.mean():.2f} ± "

@@ -26,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import report
 from configs import default as default_config
 from plca_jax.data import input_pipeline
 from plca_jax.data import transforms
@@ -78,6 +79,7 @@ def main():
   parser.add_argument("--images", type=int, default=16)
   parser.add_argument("--batches", type=int, default=50)
   parser.add_argument("--workers", default="0,1,2")
+  report.add_flag(parser)
   parser.add_argument("--encode", default="none,host",
                       help="none: uint8 images, as the pipeline ships them "
                       "(encoding on the device); host: float32 encoding in "
@@ -91,12 +93,15 @@ def main():
           f"{time.perf_counter() - t0:.1f} s")
     print(f"{'encode':>6} {'workers':>8} {'images/s':>9} "
           f"{'first batch s':>14}")
+    rows = []
     for encode in args.encode.split(","):
       for workers in (int(w) for w in args.workers.split(",")):
         rate, first = time_pipeline(root, workers, args.batches,
                                     encode=encode == "host")
         print(f"{encode:>6} {workers:>8} {rate:9.2f} {first:14.2f}")
+        rows.append((encode, workers, f"{rate:.2f}", f"{first:.2f}"))
   print(f"({os.cpu_count()} CPU cores; {args.batches} batches of 4)")
+  report.emit(args, ("encode", "workers", "images/s", "first batch s"), rows)
 
 
 if __name__ == "__main__":

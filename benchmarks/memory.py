@@ -32,6 +32,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import report
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
@@ -144,6 +146,7 @@ def main():
   parser.add_argument("--crop", type=int, default=730)
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--remats", default="none,block")
+  report.add_flag(parser)
   parser.add_argument("--no_compile", action="store_true",
                       help="skip the XLA temporary-buffer figures")
   args = parser.parse_args()
@@ -154,7 +157,7 @@ def main():
         f"backend {jax.default_backend()}")
   print(f"{'dtype':>9} {'remat':>14} {'img/domain':>10} "
         f"{'saved for bwd GiB':>18} {'XLA temp GiB':>13}")
-  fit_rows = []
+  fit_rows, md_rows = [], []
   for dtype in args.dtypes.split(","):
     for remat in args.remats.split(","):
       saved = {}
@@ -166,12 +169,20 @@ def main():
         print(f"{dtype:>9} {remat:>14} {batch:>10} {saved[batch] / GIB:18.2f} "
               f"{temp:13.2f}   ({time.perf_counter() - t0:.0f} s)",
               flush=True)
+        md_rows.append((dtype, remat, batch, f"{saved[batch] / GIB:.2f}",
+                        "-" if args.no_compile else f"{temp:.2f}"))
       fit_rows.append((dtype, remat, [fits(saved[1], saved[2], params_bytes,
                                            g * GIB) for g in (16, 32, 80)]))
   print("largest micro-batch per domain that fits (from saved for backward):")
   print(f"{'dtype':>9} {'remat':>14} {'16 GiB':>7} {'32 GiB':>7} {'80 GiB':>7}")
   for dtype, remat, counts in fit_rows:
     print(f"{dtype:>9} {remat:>14} " + " ".join(f"{c:>7}" for c in counts))
+  report.emit(args, ("compute dtype", "remat", "images / domain",
+                     "saved for backward GiB", "XLA temporaries GiB"),
+              md_rows)
+  report.emit(args, ("compute dtype", "remat",
+                     "largest micro-batch per domain in 16 / 32 / 80 GiB"),
+              [(d, r, " / ".join(map(str, c))) for d, r, c in fit_rows])
   if not args.no_compile:
     for dtype in args.dtypes.split(","):
       config = _variant(base, crop, 1, dtype, "none")

@@ -39,6 +39,10 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import report
+# pylint: enable=g-import-not-at-top,wrong-import-position
 METHODS = ("source_only", "adaptsegnet", "fda", "fda_mbt", "pixel_contrast",
            "ldr", "plca", "dacs", "dacs_plca")
 BETAS = (0.01, 0.05, 0.09)
@@ -161,6 +165,7 @@ def main():
   parser.add_argument("--steps", type=int, default=600)
   parser.add_argument("--methods", default=",".join(METHODS))
   parser.add_argument("--workdir", default="/tmp/plca_methods")
+  report.add_flag(parser)
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   names = args.methods.split(",")
@@ -180,12 +185,19 @@ def main():
               indent=1)
   print(f"\ndemo domains, {args.steps} updates, seeds {seeds}")
   print(f"{'method':<16}{'target mIoU':>16}{'s / update':>12}  per seed")
+  md_rows = []
   for row, values in table.items():
     mious = [v[0] for v in values]
     std = statistics.stdev(mious) if len(mious) > 1 else 0.0
     times = statistics.mean(v[1] for v in values)
+    md_rows.append((row, f"{statistics.mean(mious):.2f} ± {std:.2f}",
+                    " / ".join(f"{m:.2f}" for m in mious),
+                    f"{times:.3f}"))
     print(f"{row:<16}{statistics.mean(mious):10.2f} +- {std:4.2f}"
           f"{times:12.3f}  " + ", ".join(f"{m:.2f}" for m in mious))
+  report.emit(args, ("method", "target mIoU, mean ± std", "per seed",
+                     "s / update"), md_rows,
+              title=f"demo domains, {args.steps} updates, seeds {seeds}")
 
 
 if __name__ == "__main__":

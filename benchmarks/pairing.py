@@ -24,6 +24,10 @@ import sys
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import report
+# pylint: enable=g-import-not-at-top,wrong-import-position
 STATS = ("fass_consistent", "fass_reached", "fass_correct", "cass_consistent",
          "cass_reached", "cass_correct", "pairing_shared_classes")
 
@@ -42,6 +46,7 @@ def _done(workdir):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--seeds", default="0,1,2")
+  report.add_flag(parser)
   parser.add_argument("--out", default="/tmp/plca_pairing")
   parser.add_argument("--pairings", default="random,class_overlap")
   parser.add_argument("--target_classes", default="pseudo")
@@ -76,6 +81,9 @@ def main():
     v = np.asarray(values)
     return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
 
+  # Its tables are Markdown already; --markdown adds their provenance.
+  if args.markdown:
+    print("\n" + report.provenance())
   print(f"\n| pairing | target mIoU, mean ± std | seeds "
         f"{' / '.join(map(str, seeds))} |\n| --- | --- | --- |")
   for pairing, runs in table.items():

@@ -22,6 +22,10 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import report
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 def run_one(per_device_batch, steps):
@@ -65,6 +69,7 @@ def main():
   parser.add_argument("--devices", default="1,2,4,8")
   parser.add_argument("--per_device_batch", type=int, default=2)
   parser.add_argument("--steps", type=int, default=10)
+  report.add_flag(parser)
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
@@ -89,6 +94,12 @@ def main():
   print(f"{'devices':>8} {'global batch':>13} {'step s':>8} {'images/s':>9} "
         f"{'efficiency':>11} {'compile s':>10}")
   base = rows[0]["images_per_s"] / rows[0]["devices"]
+  report.emit(args, ("devices", "global batch", "step s", "images/s",
+                     "efficiency", "compile s"),
+              [(r["devices"], r["global_batch"], f"{r['step_s']:.3f}",
+                f"{r['images_per_s']:.2f}",
+                f"{r['images_per_s'] / (base * r['devices']):.2f}",
+                f"{r['compile_s']:.1f}") for r in rows])
   for r in rows:
     efficiency = r["images_per_s"] / (base * r["devices"])
     print(f"{r['devices']:>8} {r['global_batch']:>13} {r['step_s']:8.3f} "

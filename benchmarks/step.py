@@ -44,6 +44,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import report
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
@@ -258,6 +260,7 @@ def main():
                       "events (0: none)")
   parser.add_argument("--trace_dir", default="/tmp/plca_step_trace",
                       help="where --profile writes the trace")
+  report.add_flag(parser)
   parser.add_argument("--torch", action="store_true",
                       help="alternate with the same update in PyTorch, "
                       "in a process of its own")
@@ -286,6 +289,7 @@ def main():
     # for that update alone.
     header += f" {'device peak GiB':>15}"
   print(header)
+  md_rows = []
   for terms in args.terms.split(","):
     config = make_config(args, terms)
     other = None
@@ -313,6 +317,10 @@ def main():
     if device_peak_gib() is not None:
       line += f" {device_peak_gib():15.2f}"
     print(line, flush=True)
+    md_rows.append(line.split())
+  report.emit(args, header.replace("device peak", "device_peak").replace(
+      " median s", "_median_s").replace(" min s", "_min_s").split(),
+              md_rows)
   if args.profile:
     profile_update(run, args.profile, args.trace_dir)
 

@@ -28,6 +28,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import report
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import torch
@@ -100,6 +102,7 @@ def main():
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--classes", type=int, default=16)
   parser.add_argument("--steps", type=int, default=4)
+  report.add_flag(parser)
   parser.add_argument("--terms", default="ce", choices=TERMS)
   parser.add_argument("--target_loss", action="store_true",
                       help="also back-propagate through the target pass "
@@ -139,6 +142,9 @@ def main():
         f"R{args.depth} DeepLab-V2, {args.crop}x{args.crop}, {args.batch} "
         f"image(s) per domain, {work}: median "
         f"{statistics.median(times):.2f} s, min {min(times):.2f} s per update")
+  report.emit(args, ("update", "median s", "min s"),
+              [(work, f"{statistics.median(times):.2f}",
+                f"{min(times):.2f}")])
 
 
 if __name__ == "__main__":

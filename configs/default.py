@@ -14,7 +14,7 @@ def domain(name, root="", split="train", *, require_labels=True,
   """One dataset of the data config (source, target or eval)."""
   return ml_collections.ConfigDict(dict(
       name=name,  # synthia | cityscapes | cityscapes_tfds | gta5 | synthetic
-      root=root,  # dataset directory (README, "Datasets")
+      root=root,  # dataset directory (docs/datasets.md, "Datasets")
       split=split,  # Cityscapes split; synthetic: "train" or "val"
       # Fail when labels are missing; False reads them only if present
       # (the unlabelled target stream).
@@ -162,8 +162,8 @@ def get_config():
   config.model.num_classes = 16
   # "block": recompute each residual block's activations in the backward
   # pass (the forward keeps only block inputs): R101 at 730x730 keeps
-  # ~4x less for the backward pass (benchmarks/memory.py, README
-  # "Memory and speed"). "block_keep_3x3": the same, but each block keeps
+  # ~4x less for the backward pass (benchmarks/memory.py,
+  # docs/performance.md). "block_keep_3x3": the same, but each block keeps
   # its 3x3 convolution's output too (recomputes the cheap 1x1 convs only;
   # +18% memory, -6% time against "block" for R101). "none": keep
   # everything (fastest on small inputs).
@@ -196,7 +196,7 @@ def get_config():
   config.data.eval_image_size = (730, 1460)  # network input (H, W)
   config.data.eval_label_size = (1024, 2048)  # labels stay at full size
   # grain worker processes; 0 = in-process with grain's read threads, the
-  # fastest on small hosts (README, "Input pipeline").
+  # fastest on small hosts (docs/datasets.md, "Input pipeline").
   config.data.num_workers = 0
   config.data.read_threads = 4  # in-process grain reader threads
   config.data.prefetch_batches = 8  # batches read ahead
@@ -227,7 +227,7 @@ def get_config():
   config.train.keep_checkpoints = 3
   # Profile this many updates from `profile_first_step` on (0 = off): a
   # jax.profiler trace in WORKDIR/plugins/profile for TensorBoard's profile
-  # tab (README, "Training and evaluation").
+  # tab (docs/training.md).
   config.train.profile_steps = 0
   config.train.profile_first_step = 10
   # Network compute dtype: "float32" or "bfloat16". Parameters, optimizer
@@ -245,7 +245,8 @@ def get_config():
   # 0 = XLA's default, one per process). The device count fixes the SPMD
   # program and with it the order of every float reduction across the
   # batch, so with the same value one process and N processes log the same
-  # losses bit for bit (README "Reproducibility"); different device counts
+  # losses bit for bit (docs/scaling.md, "Reproducibility"); different
+  # device counts
   # agree only up to reduction order.
   config.train.cpu_devices = 0
   # True: methods that train on source and target images (PLCA,
@@ -298,7 +299,7 @@ def get_config():
   config.loss.lovasz_sort = "auto"
   # Similarity rows alive at once in the association (None: all). 256 keeps
   # a 730x730 image pair at ~1.2 GB of buffers instead of ~6.6 GB, and is
-  # no slower (benchmarks/association.py, README "Memory and speed").
+  # no slower (benchmarks/association.py, docs/performance.md).
   config.loss.chunk_size = 256
   # ... for images of more grid pixels than this (730x730: 8464); smaller
   # ones run unchunked, where the whole (L x L) matrices are small and one

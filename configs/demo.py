@@ -5,7 +5,7 @@
 Trains a small DeepLab-V2 (ResNet-18, width 16) from scratch on the
 "source" domain (labelled) adapting to the "target" domain (unlabelled),
 and evaluates on held-out target images. No files are needed. Measured
-target mIoU: see README ("Demo results"). Every PLCA term is on; switch
+target mIoU: see docs/methods.md, "Demo results". Every PLCA term is on; switch
 rungs off with e.g. `--config.loss.use_fass=False`.
 
 Differences from the paper's settings, all for CPU size: a 16-wide ResNet-18

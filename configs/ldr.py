@@ -11,7 +11,7 @@ r"""LDR (label-driven reconstruction): the demo, and X -> Cityscapes.
       --config.init_from=/data/weights/deeplab_r101_caffe
 
 The method is `plca_jax/methods/ldr.py` (its deviations are listed there and
-in the README). Evaluation translates the target images with the
+in docs/method.md). Evaluation translates the target images with the
 translation network first, the method's protocol, and uses no test-time
 aggregation.
 

@@ -13,8 +13,8 @@ released checkpoint. `lovasz_weight` 3.0 is the release's effective beta1
 on its README's 2-GPU launch: 0.75 x 2 GPUs x 2 micro-batches
 (`default.release_lovasz_weight`; the paper states 0.75; docs/method.md,
 Losses).
-`init_from` should hold the converted Caffe DeepLab ResNet-101 (README,
-"Weights"; the head starts from its random init, hence
+`init_from` should hold the converted Caffe DeepLab ResNet-101
+(docs/datasets.md, "Weights"; the head starts from its random init, hence
 `init_allow_missing="classifier"`).
 """
 

@@ -11,7 +11,8 @@ release-equivalent Lovasz weight is 0.75 x W x K = 0.75 x 1 x 1), 30,000
 updates with the poly horizon at 30,000.
 The replication reported 18.7 (source only) -> 19.32 (+lov) -> 20.32
 (+fass) mIoU16. There is no Caffe ResNet-18: `init_from` is torchvision's
-ImageNet ResNet-18 converted (README, "Weights"), trained on RGB/255 input
+ImageNet ResNet-18 converted (docs/datasets.md, "Weights"), trained on
+RGB/255 input
 normalised by the ImageNet mean/std, hence `data.encoding="rgb_imagenet"`
 (basic blocks stride their first 3x3 conv in both conventions).
 """

@@ -13,8 +13,8 @@
 #       --autotune sets XLA's GPU autotuning level
 #       (XLA_FLAGS=--xla_gpu_autotune_level=LEVEL): 0 skips timing kernel
 #       candidates, which otherwise takes minutes for the R101 update's
-#       first compile, at the price of untuned kernels (README, "Running on
-#       GPUs"). Default: XLA's.
+#       first compile, at the price of untuned kernels (docs/cloud.md,
+#       "Running on GPUs"). Default: XLA's.
 #
 # Every command prints the commands it runs; with --dry-run it only prints
 # them.

@@ -466,4 +466,4 @@ def check_init_expectations(config):
         " but the config sets " +
         ", ".join(f"{key}={have!r}" for key, have, _ in wrong) +
         f". Set {fixes}, or for the paper's numbers convert the Caffe "
-        "DeepLab ResNet-101 instead (README, 'Weights').")
+        "DeepLab ResNet-101 instead (docs/datasets.md, 'Weights').")

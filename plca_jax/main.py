@@ -2,7 +2,8 @@
 
 Modes: train_and_eval (default), train, eval (latest checkpoint of WORKDIR,
 else `config.init_from`), predict (the same checkpoint's predictions as
-Cityscapes PNGs in WORKDIR/predictions, README "Training and evaluation"). Any config key is overridable on the command line,
+Cityscapes PNGs in WORKDIR/predictions, docs/training.md). Any config key
+is overridable on the command line,
 e.g. `--config.train.num_steps=20`.
 """
 

@@ -16,7 +16,7 @@ every run. Stopped and restarted, a recipe continues where it was: a
 finished training is not trained again (its checkpoint is at
 `train.num_steps`), an unfinished one resumes from its checkpoint, and
 pseudo-labels are written again unless complete (pseudo_labels/COMPLETE).
-Runs are the same as the separate commands in the README ("Methods").
+Runs are the same as the separate commands in docs/methods.md.
 """
 
 import os

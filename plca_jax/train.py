@@ -346,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Imported here, not at the top: clu's metric writers import TensorFlow,
   # which only the loop's writing needs. Building the update
   # (create_train_state, create_train_step) and benchmarks/ then run where
-  # TensorFlow is not installed (the GPU image of README "Accelerators").
+  # TensorFlow is not installed (the GPU image of docs/cloud.md).
   # pylint: disable=g-import-not-at-top
   from plca_jax import writers  # first: it imports TensorFlow quietly
   from clu import periodic_actions

@@ -120,7 +120,8 @@ def set_cpu_devices(total, num_processes=1):
   a choice (slices of the host's cores), and it decides the SPMD program:
   how the batch is split and in which order gradients and BatchNorm moments
   are summed across it. Fixing the global count makes a run's arithmetic
-  independent of how many processes drive it (README "Reproducibility").
+  independent of how many processes drive it (docs/scaling.md,
+  "Reproducibility").
   Overrides `--xla_force_host_platform_device_count`; other backends ignore
   it. Must run before the first device use.
 

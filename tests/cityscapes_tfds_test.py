@@ -99,7 +99,8 @@ class CityscapesTFDSTest(absltest.TestCase):
     self.assertFalse(test[0]["has_label"])
     with self.assertRaisesRegex(base.DatasetError, "no labels"):
       cityscapes_tfds.CityscapesTFDS(self.data_dir, "test", 19)
-    with self.assertRaisesRegex(base.DatasetError, "nowhere.*README"):
+    with self.assertRaisesRegex(base.DatasetError,
+                                "nowhere.*docs/datasets.md"):
       cityscapes_tfds.CityscapesTFDS(os.path.join(self.tmp, "nowhere"),
                                      "val", 19)
 

@@ -212,7 +212,7 @@ class PredictModeTest(absltest.TestCase):
            "CITYSCAPES_RESULTS": os.path.join(workdir, "predictions"),
            "CITYSCAPES_EXPORT_DIR": export}
     # cityscapesScripts 2.3.0 calls np.in1d, which NumPy 2.4 removed: run
-    # its main with the alias restored (README, "Training and evaluation").
+    # its main with the alias restored (docs/training.md).
     proc = subprocess.run(
         [sys.executable, "-c", CITYSCAPES_EVAL], env=env, capture_output=True,
         text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""Tests of launch/*.sh: shellcheck, dry runs, and the README's commands."""
+"""Tests of launch/*.sh: shellcheck, dry runs, and docs/cloud.md's commands."""
 
 import os
 import re
@@ -43,8 +43,8 @@ def _dry_run(*args, env=None):
   return proc.returncode, out, proc.stderr
 
 
-def _readme_section(title):
-  text = open(os.path.join(REPO, "README.md")).read()
+def _docs_section(title):
+  text = open(os.path.join(REPO, "docs", "cloud.md")).read()
   start = text.index(f"## {title}")
   end = text.find("\n## ", start + 1)
   return text[start:end if end > 0 else None]
@@ -186,9 +186,9 @@ class LaunchTest(absltest.TestCase):
                      "--xla_gpu_autotune_level=0' ~/plca_jax_env/bin/python "
                      "-m plca_jax.main --config=c.py --workdir=/w")
 
-  def test_readme_commands_match_the_dry_runs(self):
+  def test_documented_commands_match_the_dry_runs(self):
     for title in ("Running on Cloud TPU", "Running on GPUs"):
-      section = _readme_section(title)
+      section = _docs_section(title)
       invocations = re.findall(r"^(launch/\S+\.sh .*)$", section, re.M)
       self.assertNotEmpty(invocations, title)
       for line in invocations:

@@ -191,7 +191,7 @@ def _numpy_conv(x, w, stride, padding, dilation):
 
 
 class CPUKernelsTest(parameterized.TestCase):
-  """XLA:CPU's forms of the convolutions (README "Memory and speed"):
+  """XLA:CPU's forms of the convolutions (docs/performance.md):
   the same values and gradients as the plain ones, the same variables."""
 
   @parameterized.parameters(

@@ -33,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The bound. Same device count: measured bit-equal (every scalar,
 # every step). Two devices then one (the tiny config, 4 updates): at most
 # 8.5e-7 relative; the demo drifts past 1e-4 within a few updates that
-# way (README "Reproducibility").
+# way (docs/scaling.md, "Reproducibility").
 RTOL = 1e-4
 
 # configs/demo.py with class-overlap pairing on predicted classes (the

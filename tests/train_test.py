@@ -78,7 +78,7 @@ class OptimizerTest(absltest.TestCase):
 class NoTensorFlowTest(absltest.TestCase):
 
   def test_update_and_benchmarks_import_without_tensorflow(self):
-    # The GPU image has no TensorFlow (README "Accelerators"): building the
+    # The GPU image has no TensorFlow (docs/cloud.md): building the
     # update and the benchmarks must not import it; only the loop's and
     # the eval-only run's writers do.
     code = ("import sys; sys.modules['tensorflow'] = None\n"
@@ -101,7 +101,7 @@ class StepBenchmarkTest(absltest.TestCase):
   @pytest.mark.slow
   def test_step_benchmark_times_and_profiles_a_small_update(self):
     # benchmarks/step.py builds the update as training does: it must stay
-    # runnable (README "Memory and speed"), --profile included.
+    # runnable (docs/performance.md), --profile included.
     trace_dir = self.create_tempdir().full_path
     proc = subprocess.run(
         [sys.executable, "benchmarks/step.py", "--depth=18", "--crop=33",

@@ -144,7 +144,8 @@ class WorkdirTest(absltest.TestCase):
 
   def test_a_second_run_is_refused_and_the_first_is_unaffected(self):
     workdir = os.path.join(self.create_tempdir().full_path, "run")
-    first = _main(workdir, "--config.train.num_steps=2", wait=False)
+    first = _main(workdir, "--config.train.num_steps=2", "--mode=train",
+                  wait=False)
     lock = os.path.join(workdir, run_lock.LOCK_FILE)
     deadline = time.time() + 120
     while not os.path.exists(lock):
@@ -152,7 +153,7 @@ class WorkdirTest(absltest.TestCase):
                         if first.poll() is not None else "")
       self.assertLess(time.time(), deadline)
       time.sleep(0.05)
-    second = _main(workdir, "--config.train.num_steps=2")
+    second = _main(workdir, "--config.train.num_steps=2", "--mode=train")
     self.assertEqual(second.returncode, 3, second.stderr[-2000:])
     self.assertRegex(second.stderr, f"in use by another run: host .* pid "
                      f"{first.pid} .*--force")

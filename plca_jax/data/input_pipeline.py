@@ -68,7 +68,7 @@ def create_source(domain_config, data_config, num_classes):
               "gta5") and not domain_config.root:
     raise ValueError(f"data root for {name!r} is empty: set "
                      "--config.data.<source|target|eval>.root=/path/to/"
-                     f"{name} (see README, 'Datasets')")
+                     f"{name} (see docs/datasets.md, 'Datasets')")
   if name == "synthia":
     return synthia.Synthia(domain_config.root, num_classes, **kwargs)
   if name == "cityscapes":

@@ -121,7 +121,7 @@ def encode(image, encoding="bgr_mean"):
   "bgr_mean": BGR channel order, 0-255, minus BGR_MEAN (the release's
   default); "rgb_imagenet": RGB in [0, 1], minus ImageNet mean, over std.
   The pipelines deliver uint8 and the jitted steps call this on the device
-  (4x less host-to-device traffic; faster pipeline, see README).
+  (4x less host-to-device traffic; faster pipeline, see docs/datasets.md).
   """
   image = image.astype(np.float32)
   if encoding == "bgr_mean":

@@ -1,7 +1,7 @@
 """Training methods: one module each, one small registry.
 
 `get_method(config)` builds the method `config.method` names. To add one,
-see `plca_jax/methods/base.py` and the README ("Adding a method").
+see `plca_jax/methods/base.py` and docs/methods.md, "Adding a method".
 """
 
 from plca_jax.methods import adaptsegnet

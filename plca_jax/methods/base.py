@@ -192,7 +192,7 @@ def forward_pair(model, params, batch_stats, micro, config, *,
   device's rows stay on it), and BatchNorm normalises the two interleaved
   groups separately (`norm.BatchNorm.groups`): the same outputs, gradients
   and running statistics as two passes up to float rounding, with larger
-  convolutions (tests/methods_test.py, README "Memory and speed"). Domains
+  convolutions (tests/methods_test.py, docs/performance.md). Domains
   of different image shapes, and models without a `bn_groups` attribute,
   take two passes.
   """

@@ -27,7 +27,7 @@ Segmentation". One run trains it in two phases (one command:
 Evaluation follows the method: target images are translated by G before
 segmentation (`translate_at_eval`; `eval_model`).
 
-Deviations and choices, all said in the README:
+Deviations and choices, all said in docs/method.md:
 - The perceptual loss uses the segmentation network's own layer4 features
   (eval mode, its parameters held fixed in that term) instead of an
   ImageNet VGG-19, which cannot be downloaded here.

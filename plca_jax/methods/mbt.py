@@ -11,7 +11,7 @@ pixels below their class's threshold become 255.
       --config.method=fda --workdirs=W1,W2,W3 --out=DIR
 
 Then train the self-training round with
-`--config.fda.pseudo_label_dir=DIR` (README, "Methods").
+`--config.fda.pseudo_label_dir=DIR` (docs/methods.md).
 
 Images are predicted at `config.data.eval_image_size` (the authors: the
 network input size, 512x1024 on Cityscapes) and the pseudo-labels written

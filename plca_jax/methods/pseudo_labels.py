@@ -36,7 +36,7 @@ class WithPseudoLabels:
     if not os.path.isdir(directory):
       raise FileNotFoundError(
           f"pseudo-label directory {directory!r} does not exist; write it "
-          "with `python -m plca_jax.methods.mbt` (README, 'Methods')")
+          "with `python -m plca_jax.methods.mbt` (docs/methods.md)")
     self.source = source
     self.directory = directory
 

@@ -4,7 +4,7 @@ products, for XLA:CPU.
 `jax.lax.conv_general_dilated`'s weight gradient is itself a convolution
 (the "batch" the input channels, the window the whole output gradient),
 which XLA:CPU runs in its Eigen convolution kernel 1.2-2x slower than a
-matrix product of the same arithmetic (README "Memory and speed"). Here the
+matrix product of the same arithmetic (docs/performance.md). Here the
 weight gradient is written per kernel tap (i, j) as one product,
     dW[i, j] = X_ij^T G,
 X_ij the (N*H'*W', C_in) input pixels that tap reads (a strided, dilated

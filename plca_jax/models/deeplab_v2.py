@@ -84,8 +84,8 @@ class ASPPHead(nn.Module):
   `as_dot=True` computes the same sum as one matrix product and shifted
   adds (`aspp_as_dot`), with the same variables: on XLA:CPU, whose
   convolution kernel is slow on these (C=2048 -> M=16, dilation up to 24)
-  convolutions, 4x faster forward and backward (README "Memory and
-  speed"). Set on the CPU backend only.
+  convolutions, 4x faster forward and backward (docs/performance.md). Set
+  on the CPU backend only.
   """
   num_classes: int
   rates: Sequence[int] = (6, 12, 18, 24)

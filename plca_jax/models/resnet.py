@@ -172,7 +172,7 @@ class ResNet(nn.Module):
       convolutions only (bottlenecks; a basic block recomputes its second
       3x3). R101 at 730x730: 3.59 instead of 3.04 GiB kept per image pair
       in float32, and an update at 321x321 5.58 instead of 5.96 s on a
-      2-core CPU (remat none: 4.70 s; README "Memory and speed").
+      2-core CPU (remat none: 4.70 s; docs/performance.md).
     block_barrier: materialise every block output once
       (`lax.optimization_barrier`). XLA:CPU otherwise copies the cheap
       residual add/ReLU chain into every consumer, recomputing whole layers

@@ -52,7 +52,7 @@ class CityscapesTFDS:
       raise base.DatasetError(
           f"{self.dataset}: no prepared {BUILDER!r} split "
           f"{SPLITS[split]!r} under data_dir={data_dir!r} ({e}). Prepare it "
-          "as the README says ('Datasets')") from e
+          "as docs/datasets.md says ('Datasets')") from e
     self.root = data_dir
     self.split = split
     self.num_classes = num_classes
