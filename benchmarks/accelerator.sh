@@ -28,11 +28,10 @@ part() {  # part LIMIT_S COMMAND...
   echo "### exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 }
 
-# First seen on an H200 (docs/performance.md): with XLA's default
-# autotuning, the R18 129x129 update did not compile and run within 60 s
-# nor the R101 ones within 90-120 s; with XLA_FLAGS=--xla_gpu_autotune_level=0
-# the R101 321x321 update compiled in 32 s. Hence the generous limits, in
-# order of priority.
+# On an H200 (docs/performance.md), with XLA's default autotuning the
+# updates did not compile within the minutes available, and with
+# XLA_FLAGS=--xla_gpu_autotune_level=0 the R101 update compiled in well
+# under a minute. Hence the generous limits, in order of priority.
 part 30 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 part 300 python3 benchmarks/step.py --terms=ce,all --steps=5 --profile=40
 part 240 python3 benchmarks/step.py --crop=730 --remat=block --steps=5

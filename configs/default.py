@@ -237,8 +237,9 @@ def get_config():
   # glibc keeps freed host memory for reuse and CPU computations run in the
   # calling thread (plca_jax.xla.keep_freed_host_memory), set by
   # plca_jax.main before the first device use: XLA:CPU otherwise page-faults
-  # each update's temporary buffers in afresh (2.1 s of system time per R101
-  # update at 321x321). Host RSS stays at its peak.
+  # each update's temporary buffers in afresh (the R101 update at 321x321
+  # is about 1.4x faster with it: benchmarks/step.py --host_memory=keep vs
+  # default). Host RSS stays at its peak.
   config.train.keep_freed_host_memory = True
   # CPU backend only: the run's global number of CPU devices, split evenly
   # over its processes (plca_jax.main sets it before the first device use;
@@ -292,10 +293,10 @@ def get_config():
   config.loss.alpha = 0.5  # spatial aggregation blend
   config.loss.ignore_label = 255
   # How the Lovasz term sorts its errors: "auto" (NumPy through a host
-  # callback on one CPU device, 0.45 s faster per R101 update at 321x321;
-  # XLA's sort elsewhere), "host" or "xla". A program with the host callback
-  # is never written to JAX's persistent compilation cache; "xla" makes the
-  # update cacheable (the tests use it: configs/test.py).
+  # callback on one CPU device, where it is about 5x faster than XLA:CPU's
+  # sort; XLA's sort elsewhere), "host" or "xla". A program with the host
+  # callback is never written to JAX's persistent compilation cache; "xla"
+  # makes the update cacheable (the tests use it: configs/test.py).
   config.loss.lovasz_sort = "auto"
   # Similarity rows alive at once in the association (None: all). 256 keeps
   # a 730x730 image pair at ~1.2 GB of buffers instead of ~6.6 GB, and is

@@ -111,9 +111,9 @@ def train_step(state, batch, rng, phase=0, *, method):
   trees = {base.SEGMENTATION: state, **state.extra}
   rng = jax.random.fold_in(rng, state.step)
   # A Python loop over the K (static, small) micro-batches: on XLA:CPU a
-  # lax.scan, even unrolled, made the demo's update 3x slower (1.42 s vs
-  # 0.46 s). Gradients are summed as they come; BatchNorm statistics thread
-  # through the micro-batches in order.
+  # lax.scan, even unrolled, made the demo's update 3x slower. Gradients
+  # are summed as they come; BatchNorm statistics thread through the
+  # micro-batches in order.
   k = jax.tree.leaves(batch)[0].shape[0]
   grads, stats, terms = None, {n: t.batch_stats for n, t in trees.items()}, []
   for i in range(k):
@@ -192,8 +192,8 @@ def is_finite(state):
   """True if every parameter of every tree is finite (one program).
 
   Jitted: run op by op, the norm compiled a program per distinct leaf
-  shape and operation before each run's first checkpoint (185 programs,
-  6.4 s of compiling for LDR's trees on a cold cache, 2-core CPU).
+  shape and operation before each run's first checkpoint (185 programs
+  for LDR's trees).
   """
   trees = [state.params] + [t.params for t in state.extra.values()]
   return bool(_all_finite(trees))

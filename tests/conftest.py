@@ -9,9 +9,9 @@ from absl import flags
 # persistent compilation cache for the whole session, shared with the
 # subprocesses tests start (they inherit the environment), so each distinct
 # program compiles once; and a cheaper XLA:CPU compilation, which does not
-# matter for tiny test shapes. Compiling is most of a cold-cache run (the
-# test config's PLCA update: 10.2 s to compile by default, 6.9 s with these
-# flags; LDR's adaptation update 17.3 s and 13.5 s):
+# matter for tiny test shapes. Compiling is most of a cold-cache run (these
+# flags take about a third off the test config's PLCA update's compile and
+# a fifth off LDR's):
 # - no LLVM optimisation;
 # - the legacy elemental emitters instead of the MLIR fusion emitters;
 # - one LLVM module, not split for parallel compilation (two pytest
@@ -34,7 +34,7 @@ os.environ["XLA_FLAGS"] = " ".join(
 # modules (training runs, subprocesses) go first, the two longest to
 # different workers, so that the short ones fill in around them. With
 # xdist's own order (most tests first) methods_test and multiprocess_test
-# landed on one worker: 586 s of tests against 411 s on the other.
+# landed on one worker, with 1.4x the other's test time.
 _LONG_MODULES = ("methods_test.py", "train_test.py", "losses_test.py",
                  "multiprocess_test.py", "workdir_test.py", "dacs_test.py",
                  "multidevice_test.py")

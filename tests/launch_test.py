@@ -76,6 +76,18 @@ class LaunchTest(absltest.TestCase):
     self.assertEqual(code, 2)
     self.assertIn("unknown accelerator type v3-8", err)
 
+    # The other commands do not depend on the generation (the runtime is
+    # fixed at create): each slice runs the same ones.
+    for accelerator, _ in GENERATIONS:
+      with self.subTest(accelerator, command="setup/train/logs/stop"):
+        name = f"--name=plca-{accelerator}"
+        for command in (("setup",), ("train", "--config=configs/gta5.py",
+                                     "--workdir=gs://b/r"),
+                        ("logs",), ("stop",)):
+          code, out, err = _dry_run("launch/tpu_vm.sh", command[0], name,
+                                    "--zone=z", *command[1:])
+          self.assertEqual(code, 0, err)
+          self.assertIn(f"plca-{accelerator}", out)
     code, out, _ = _dry_run("launch/tpu_vm.sh", "setup", *base)
     lines = out.strip().splitlines()
     self.assertLen(lines, 3)

@@ -42,7 +42,7 @@ RTOL = 1e-4
 # 2000, so that targets recur from update 3 on and the table of predicted
 # classes drives the picks within 4 updates (with 2000, after 500); 64
 # source images, because every process renders every source label map at
-# start-up for the class sets (11 s for 2000 here).
+# start-up for the class sets.
 DEMO_FLAGS = {"train.cpu_devices": 2, "train.log_every": 1,
               "train.checkpoint_every": 2, "train.eval_every": 1000,
               "data.pairing": "class_overlap",

@@ -77,8 +77,9 @@ def _prefix_sum(x):
   axis. On one device XLA rewrites that into a scan, but when the axis is
   sharded (the Lovasz runs over the global batch, sharded on `data`) the
   SPMD partitioner keeps the full-length window: O(P^2) work, which made
-  the demo update on 2 CPU devices 360x slower (54.9 s vs 0.15 s). The
-  operands here are 0/1 indicators, so both forms are exact in float32.
+  the demo update on 2 CPU devices 360x slower (benchmarks/scaling.py, with
+  a cumsum). The operands here are 0/1 indicators, so both forms are exact
+  in float32.
   """
   return jax.lax.associative_scan(jnp.add, x, axis=0)
 
@@ -98,8 +99,8 @@ def _numpy_descending_order(key):
   The stable order, as XLA's argsort gives it: each float32 is mapped to a
   uint32 of the same order, with its row index in the low 32 bits of a
   uint64, so all keys are distinct and NumPy's (vectorised, unstable) sort
-  of them is the stable order of the floats (0.10 s for (103041, 16),
-  where a stable float sort takes 0.21 s).
+  of them is the stable order of the floats, in half the time of a stable
+  float sort.
   """
   neg = np.ascontiguousarray(-np.asarray(key, np.float32).T) + np.float32(0)
   bits = neg.view(np.uint32).astype(np.uint64)  # +0.0 above: no -0.0
@@ -128,9 +129,10 @@ def host_sort_of(lovasz_sort):
 def descending_order(key, host_sort=None):
   """Per column of key (P, M), the row indices in descending order.
 
-  XLA:CPU's sort is a comparator-driven sort on one thread: 0.55 s for the
-  Lovasz loss's (103041, 16) errors of one 321x321 image, 7% of the R101
-  update, against 0.10 s for NumPy's vectorised sort of packed keys. On a
+  XLA:CPU's sort is a comparator-driven sort on one thread, about 5x slower
+  than NumPy's vectorised sort of packed keys on the Lovasz loss's
+  (103041, 16) errors of one 321x321 image (7% of the R101 update,
+  benchmarks/step.py --terms=ce,lovasz). On a
   single CPU device (`host_sort=None`: decided from the backend) the order
   therefore comes from NumPy through `jax.pure_callback`; on accelerators
   and on several devices (the errors are sharded there) it is XLA's sort.

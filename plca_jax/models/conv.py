@@ -14,9 +14,8 @@ kernels. The forward pass and the input gradient are
 `lax.conv_general_dilated` and its transpose, except for stride-1 1x1
 kernels, whose forward pass X W and input gradient G W^T are matrix products
 too: XLA:CPU's matrix kernels ran the bottlenecks' 1x1 convolutions 1.1-1.3x
-faster than its convolution (1024->256 at 41x41: 4.2 ms against 5.3 ms;
-PyTorch 4.0 ms); six layer3 blocks' forward + backward took 347 ms instead
-of 367 ms (PyTorch: 320-342 ms).
+faster than its convolution, and six layer3 blocks' forward + backward
+0.95x the time (benchmarks/step.py --cpu_kernels=both for the update).
 
 Used on the CPU backend only (`plca_jax.models.get_model`): on GPU and TPU
 the weight gradient convolution is native (cuDNN, the TPU's MXU).

@@ -170,9 +170,9 @@ class ResNet(nn.Module):
       each block also keeps its 3x3 convolution's output (`KEEP_NAME`, a
       `jax.checkpoint` policy), so the backward pass recomputes the 1x1
       convolutions only (bottlenecks; a basic block recomputes its second
-      3x3). R101 at 730x730: 3.59 instead of 3.04 GiB kept per image pair
-      in float32, and an update at 321x321 5.58 instead of 5.96 s on a
-      2-core CPU (remat none: 4.70 s; docs/performance.md).
+      3x3). R101 at 730x730: 1.18x the memory of "block" kept per image
+      pair, for an update at 321x321 0.94x its time on a CPU
+      (benchmarks/memory.py, benchmarks/step.py --remat=MODE).
     block_barrier: materialise every block output once
       (`lax.optimization_barrier`). XLA:CPU otherwise copies the cheap
       residual add/ReLU chain into every consumer, recomputing whole layers
