@@ -6,10 +6,11 @@ machine at hand, for calibration: the PyTorch DeepLab-V2 of the tests
 (tests/torch_models.py; docs/method.md, Network), train mode, one target
 and one source forward pass (separate BatchNorm batches), pixel
 cross-entropy on the source logits, backward, an SGD step. `--terms` adds
-terms as `benchmarks/step.py --terms` does: `lovasz` (+ Lovasz-softmax, weight 3), `lsr` (+ LSR on both
-domains, back-propagating through the target pass too), `all` (every PLCA
-term computed the release's way, benchmarks/torch_plca.py: dense similarity
-matrices, autograd; `--plca` is the same). torch's default thread count.
+terms as `benchmarks/step.py --terms` does: `lovasz` (+ Lovasz-softmax,
+weight 3), `lsr` (+ LSR on both domains, back-propagating through the
+target pass too), `all` (every PLCA term computed the release's way,
+benchmarks/torch_plca.py: dense similarity matrices, autograd; `--plca` is
+the same). torch's default thread count.
 
 `--serve` is how `benchmarks/step.py --torch` runs it: in a process of its
 own (so that neither library's heap or thread pools disturb the other's

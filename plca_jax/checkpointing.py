@@ -132,12 +132,12 @@ def restore(manager, step, abstract_state, data_iterator):
     the restored state; `data_iterator` is restored in place.
   """
   directory = epath.Path(manager.directory) / str(step)
-  for required in (directory / "state" / "_METADATA",):
-    if not required.exists():
-      raise DamagedCheckpoint(step, required, "missing")
-  data_file = directory / DATA_ITEM / "metadata"
-  if (directory / DATA_ITEM).exists() and not data_file.exists():
-    raise DamagedCheckpoint(step, data_file, "missing")
+  required = [directory / "state" / "_METADATA"]
+  if (directory / DATA_ITEM).exists():
+    required.append(directory / DATA_ITEM / "metadata")
+  for path in required:
+    if not path.exists():
+      raise DamagedCheckpoint(step, path, "missing")
   saved = _read_checked(step, directory, lambda: _saved_tree(manager, step))
   target = abstract_state
   if "extra" not in saved:  # written before methods had other networks

@@ -19,9 +19,7 @@ from absl import flags
 from absl import logging
 from etils import epath
 import jax
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
-import numpy as np
 
 from plca_jax import console
 from plca_jax import evaluate
@@ -158,26 +156,6 @@ def parse_flags(argv):
     sys.exit(2)
 
 
-def lock_workdir(workdir, force):
-  """Process 0 takes the workdir's lock for the job; every process learns
-  whether it did (a refused lock stops them all)."""
-  lock, error = None, None
-  if jax.process_index() == 0:
-    lock = run_lock.RunLock(workdir, processes=jax.process_count())
-    try:
-      lock.acquire(force=force)
-    except run_lock.WorkdirLocked as refused:
-      lock, error = None, refused
-  if jax.process_count() > 1:
-    ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
-    if not ok and error is None:
-      error = run_lock.WorkdirLocked(f"process 0 could not lock {workdir} "
-                                     "(its log says why)")
-  if error is not None:
-    raise error
-  return lock
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -197,7 +175,7 @@ def main(argv):
     logging.info("%s", note)
   training = FLAGS.mode in ("train_and_eval", "train")
   try:
-    lock = lock_workdir(workdir, FLAGS.force) if training else None
+    lock = run_lock.lock_job(workdir, FLAGS.force) if training else None
   except run_lock.WorkdirLocked as error:
     logging.error("%s", error)
     sys.exit(3)

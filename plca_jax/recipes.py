@@ -123,14 +123,15 @@ def main(argv):
   log_file = console.setup(FLAGS.workdir, FLAGS.verbosity)
   logging.info("Full log: %s", log_file)
   try:
-    lock = run_lock.RunLock(FLAGS.workdir).acquire(force=FLAGS.force)
+    lock = run_lock.lock_job(FLAGS.workdir, FLAGS.force)
   except run_lock.WorkdirLocked as error:
     logging.error("%s", error)
     sys.exit(3)
   try:
     result = RECIPES[FLAGS.recipe](FLAGS.config, FLAGS.workdir)
   finally:
-    lock.release()
+    if lock is not None:
+      lock.release()
   logging.info("recipe %s: result in %s", FLAGS.recipe, result)
 
 

@@ -34,6 +34,9 @@ import uuid
 
 from absl import logging
 from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 LOCK_FILE = "RUN_LOCK"
 HEARTBEAT_SECONDS = 30
@@ -195,3 +198,30 @@ class RunLock:
 
   def __exit__(self, *exc):
     self.release()
+
+
+def lock_job(workdir, force=False):
+  """Process 0 takes the workdir's lock for the job; every process learns
+  whether it did (a refused lock stops them all).
+
+  Returns:
+    process 0's acquired RunLock (None on the other processes).
+
+  Raises:
+    WorkdirLocked on every process when the lock is refused.
+  """
+  lock, error = None, None
+  if jax.process_index() == 0:
+    lock = RunLock(workdir, processes=jax.process_count())
+    try:
+      lock.acquire(force=force)
+    except WorkdirLocked as refused:
+      lock, error = None, refused
+  if jax.process_count() > 1:
+    ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+    if not ok and error is None:
+      error = WorkdirLocked(f"process 0 could not lock {workdir} (its log "
+                            "says why)")
+  if error is not None:
+    raise error
+  return lock

@@ -2,8 +2,8 @@
 
 One update (docs/method.md, Optimisation) consumes
 `config.train.grad_accum_steps` micro-batches of `config.train.batch_size`
-source and as many target images (global). The method (`config.method`, `plca_jax.methods`) gives, per
-micro-batch, the gradients of each of its parameter trees (PLCA: source
+source and as many target images (global). The method (`config.method`,
+`plca_jax.methods`) gives, per micro-batch, the gradients of each of its parameter trees (PLCA: source
 and target as two forward passes, per-domain BatchNorm statistics over the
 global batch, the PLCA objective); they are averaged over micro-batches and
 each tree's optimizer updates it (the segmentation network: SGD with

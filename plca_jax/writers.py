@@ -27,6 +27,8 @@ from clu.metric_writers import interface
 from etils import epath
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
+METRICS_FILE = "metrics.jsonl"
+
 
 class JsonlWriter(interface.MetricWriter):
   """Appends scalars as JSON lines; other summary kinds are ignored."""
@@ -81,11 +83,10 @@ def create_writer(workdir, process_index=0):
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   default = metric_writers.create_default_writer(workdir, asynchronous=False)
   return metric_writers.MultiWriter(
-      [default, JsonlWriter(epath.Path(workdir) / "metrics.jsonl")])
+      [default, JsonlWriter(epath.Path(workdir) / METRICS_FILE)])
 
 
 SET_ASIDE_DIR = "set_aside"
-METRICS_FILE = "metrics.jsonl"
 
 
 def set_aside_after(workdir, step):
@@ -153,5 +154,5 @@ def _replace(path, data):
 
 def read_metrics(workdir):
   """All records of WORKDIR/metrics.jsonl, in order."""
-  text = (epath.Path(workdir) / "metrics.jsonl").read_text()
+  text = (epath.Path(workdir) / METRICS_FILE).read_text()
   return [json.loads(line) for line in text.splitlines() if line.strip()]

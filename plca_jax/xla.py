@@ -2,7 +2,8 @@
 count, in one place.
 
 XLA:CPU needs two changes to run the ResNet backward near PyTorch's speed
-(benchmarks/step.py --cpu_kernels=both); neither applies to GPU or TPU, where XLA uses cuDNN / emits convolution gradients natively:
+(benchmarks/step.py --cpu_kernels=both); neither applies to GPU or TPU,
+where XLA uses cuDNN / emits convolution gradients natively:
 - convolutions go to XLA's own (Eigen) kernels instead of YNNPACK, whose
   weight-gradient convolutions (a window over the whole output gradient)
   were 1.5-6x slower;

@@ -16,7 +16,8 @@ REPO_PLACEHOLDER = "/path/to/plca_jax"
 HOME = os.path.expanduser("~")
 # (accelerator type, the runtime create picks) of each TPU generation, one
 # host and a multi-host slice each.
-GENERATIONS = (("v4-8", "tpu-ubuntu2204-base"), ("v4-32", "tpu-ubuntu2204-base"),
+GENERATIONS = (("v4-8", "tpu-ubuntu2204-base"),
+               ("v4-32", "tpu-ubuntu2204-base"),
                ("v5litepod-8", "v2-alpha-tpuv5-lite"),
                ("v5e-16", "v2-alpha-tpuv5-lite"),
                ("v5p-8", "v2-alpha-tpuv5"), ("v5p-16", "v2-alpha-tpuv5"),

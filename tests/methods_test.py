@@ -68,8 +68,8 @@ class BatchNormOrderTest(absltest.TestCase):
   def test_plca_runs_target_then_source(self):
     # docs/method.md, Network: the release's running statistics are those
     # of a target pass followed by a source pass. Training-mode batch
-    # statistics do not depend on the running ones, so each domain's pass alone from the same
-    # start gives bs_d = m * bs0 + (1 - m) * mu_d, and target-then-source is
+    # statistics do not depend on the running ones, so each domain's pass
+    # alone from the same start gives bs_d = m * bs0 + (1 - m) * mu_d, and target-then-source is
     # m * bs_t + (1 - m) * mu_s = m * bs_t + bs_s - m * bs0.
     config = _config("plca")
     config.loss.use_lovasz = False

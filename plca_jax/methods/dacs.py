@@ -32,6 +32,7 @@ import ml_collections
 import optax
 
 from plca_jax import losses
+from plca_jax.data import transforms
 from plca_jax.methods import base
 
 TEACHER = "teacher"
@@ -115,11 +116,12 @@ def color_jitter(images, rng, strength, prob):
                                         maxval=1 + strength)
   out = images * factor(keys[0])[..., None]
   out = jnp.clip(out, 0.0, 1.0)
-  gray = jnp.mean(out @ jnp.array([0.299, 0.587, 0.114]), axis=(1, 2),
-                  keepdims=True)[..., None]
+  luma = jnp.asarray(transforms.LUMA)
+  gray = jnp.mean(out @ luma, axis=(1, 2), keepdims=True)[..., None]
   out = jnp.clip((out - gray) * factor(keys[1])[..., None] + gray, 0.0, 1.0)
-  luma = (out @ jnp.array([0.299, 0.587, 0.114]))[..., None]
-  out = jnp.clip((out - luma) * factor(keys[2])[..., None] + luma, 0.0, 1.0)
+  pixel_luma = (out @ luma)[..., None]
+  out = jnp.clip((out - pixel_luma) * factor(keys[2])[..., None] +
+                 pixel_luma, 0.0, 1.0)
   hue, saturation, value = _rgb_to_hsv(out)
   shift = jax.random.uniform(keys[3], (n, 1, 1), minval=-strength,
                              maxval=strength)
