@@ -172,16 +172,32 @@ class RunLock:
     return self
 
   def _beat(self):
-    while not self._stop.wait(self.heartbeat):
-      holder = self.read()
-      if holder is not None and holder.get("token") != self.record["token"]:
-        logging.error("%s was taken over by %s; this run no longer holds "
-                      "its workdir.", self.path, describe(holder))
-        return
-      try:
-        self._write()
-      except OSError as error:  # a passing storage error: try next beat
-        logging.warning("Could not renew %s: %s", self.path, error)
+    while not self._stop.wait(self.heartbeat) and self.renew():
+      pass
+
+  def renew(self):
+    """One heartbeat: rewrites the record if the lock is still this run's.
+
+    Returns False once another run holds the lock (logged as an error).
+    A run that takes the lock over reads its record back after `settle`
+    seconds, so a renewal that races with its write makes it refuse
+    rather than leave two holders.
+    """
+    try:
+      holder = json.loads(self.path.read_text())
+    except FileNotFoundError:  # removed by hand: this run writes it again
+      holder = None
+    except json.JSONDecodeError:  # another writer is midway: next beat
+      return True
+    if holder is not None and holder.get("token") != self.record["token"]:
+      logging.error("%s was taken over by %s; this run no longer holds "
+                    "its workdir.", self.path, describe(holder))
+      return False
+    try:
+      self._write()
+    except OSError as error:  # a passing storage error: try next beat
+      logging.warning("Could not renew %s: %s", self.path, error)
+    return True
 
   def release(self):
     """Stops the heartbeat and removes the lock if it is still ours."""

@@ -34,8 +34,11 @@ class RunLockTest(absltest.TestCase):
     record = {"host": "vm", "pid": 1, "processes": 1, "started": "earlier",
               "command": "other run", "heartbeat": time.time(),
               "token": "theirs", **fields}
-    with open(self.path, "w") as f:
+    # Written aside and renamed, as a run that takes the lock over does: the
+    # heartbeat thread never reads half a record.
+    with open(self.path + ".new", "w") as f:
       json.dump(record, f)
+    os.replace(self.path + ".new", self.path)
 
   def test_acquire_records_the_holder_and_release_removes_it(self):
     lock = self._lock().acquire()
@@ -91,19 +94,43 @@ class RunLockTest(absltest.TestCase):
       self.assertEqual(json.load(f)["token"], lock.record["token"])
     lock.release()
 
-  def test_the_heartbeat_renews_and_a_lost_lock_is_not_removed(self):
+  def test_the_heartbeat_thread_renews(self):
     lock = self._lock(heartbeat=0.05).acquire()
+    self.addCleanup(lock.release)
     with open(self.path) as f:
       first = json.load(f)["heartbeat"]
-    time.sleep(0.3)
+    time.sleep(0.5)
     with open(self.path) as f:
       self.assertGreater(json.load(f)["heartbeat"], first)
+
+  def test_a_lost_lock_is_reported_and_not_removed(self):
+    lock = self._lock(heartbeat=3600).acquire()  # beats driven by hand
+    self.addCleanup(lock.release)
+    self.assertTrue(lock.renew())
     self._write_holder(host="elsewhere")  # taken over (e.g. --force)
-    with self.assertLogs(level="ERROR"):
-      time.sleep(0.3)
+    with self.assertLogs(level="ERROR") as logs:
+      self.assertFalse(lock.renew())
+    self.assertIn("taken over by host elsewhere", logs.output[0])
     lock.release()  # not ours any more: left in place
     with open(self.path) as f:
       self.assertEqual(json.load(f)["token"], "theirs")
+
+  def test_a_half_written_record_is_left_alone(self):
+    lock = self._lock(heartbeat=3600).acquire()
+    self.addCleanup(lock.release)
+    with open(self.path, "w") as f:
+      f.write('{"host": "elsew')  # another run's write, midway
+    self.assertTrue(lock.renew())
+    with open(self.path) as f:
+      self.assertEqual(f.read(), '{"host": "elsew')
+
+  def test_a_removed_lock_is_written_again(self):
+    lock = self._lock(heartbeat=3600).acquire()
+    self.addCleanup(lock.release)
+    os.remove(self.path)
+    self.assertTrue(lock.renew())
+    with open(self.path) as f:
+      self.assertEqual(json.load(f)["token"], lock.record["token"])
 
   def test_a_racing_writer_wins_and_the_other_is_refused(self):
     lock = self._lock(settle=0.3)
