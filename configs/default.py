@@ -241,6 +241,11 @@ def get_config():
   # is about 1.4x faster with it: benchmarks/step.py --host_memory=keep vs
   # default). Host RSS stays at its peak.
   config.train.keep_freed_host_memory = True
+  # How an update runs its micro-batches: "loop" (a Python loop: K copies
+  # of the forward and backward pass in the program), "scan" (lax.scan:
+  # one copy) or "auto": the loop in CPU programs (XLA:CPU ran the demo's
+  # update 3x slower as a scan), the scan on TPU and GPU (compile time).
+  config.train.micro_batch_loop = "auto"
   # CPU backend only: the run's global number of CPU devices, split evenly
   # over its processes (plca_jax.main sets it before the first device use;
   # 0 = XLA's default, one per process). The device count fixes the SPMD
@@ -307,6 +312,13 @@ def get_config():
   # chunk is faster (benchmarks/association.py --size=41
   # --chunk_sizes=none,256: unchunked is faster up to about 48x48 grids).
   config.loss.chunk_above_pixels = 2048
+  # Precision of the association's and aggregation's float32 matrix
+  # products on TPU and GPU: "highest" (float32), "high" (TPU: three
+  # bfloat16 passes) or "default" (TPU: one bfloat16 pass, GPU: TF32).
+  # With bfloat16-rounded inputs the association picks another target
+  # pixel for a share of source pixels (benchmarks/association_precision.py,
+  # docs/method.md "Numerics on accelerators"). CPUs compute in float32.
+  config.loss.association_precision = "highest"
 
   # The other methods' blocks, declared by their modules.
   for name, block in methods.default_configs().items():

@@ -24,6 +24,7 @@ from plca_jax import metrics as metrics_lib
 from plca_jax import models
 from plca_jax import sharding
 from plca_jax import visualize
+from plca_jax import xla
 from plca_jax.data import input_pipeline
 from plca_jax.data import labels as labels_lib
 from plca_jax.data import transforms
@@ -46,10 +47,12 @@ def predict(variables, images, *, model, config, label_size):
   alpha = config.eval.alpha
   chunk = losses.chunk_for(config.loss.chunk_size,
                            config.loss.chunk_above_pixels, out["features"])
-  features = losses.spatial_aggregate(out["features"], "cos", alpha, chunk)
+  precision = config.loss.association_precision
+  features = losses.spatial_aggregate(out["features"], "cos", alpha, chunk,
+                                      precision)
   logits = model.apply(variables, features, method="classify")
   probs = losses.spatial_aggregate(jax.nn.softmax(logits, axis=-1), "kl",
-                                   alpha, chunk)
+                                   alpha, chunk, precision)
   return losses.upsample_bilinear(probs, label_size)
 
 
@@ -66,7 +69,8 @@ def eval_step(variables, batch, *, model, config):
 
 def create_eval_step(config, model, mesh):
   """The jitted `eval_step`; build it once per run (each build recompiles)."""
-  return jax.jit(functools.partial(eval_step, model=model, config=config),
+  return jax.jit(xla.traced_for(mesh, functools.partial(
+      eval_step, model=model, config=config)),
                  in_shardings=(sharding.replicated(mesh),
                                sharding.batch_sharding(mesh)),
                  out_shardings=(sharding.replicated(mesh),

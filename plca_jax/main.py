@@ -161,7 +161,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = FLAGS.config
   # Before XLA starts its threads; CPU-tuned, so for the CPU backend only.
-  if config.train.keep_freed_host_memory and xla.planned_platform() == "cpu":
+  if xla.select_platform() == "cpu" and config.train.keep_freed_host_memory:
     xla.keep_freed_host_memory()
   # Before the first device use: this process's share of the run's CPU
   # devices (the count that makes losses independent of the process count).

@@ -73,7 +73,8 @@ def create_train_state(config, method, rng, mesh):
                    "batch_stats": variables.get("batch_stats", {})}
     return out
 
-  variables = jax.jit(init, out_shardings=replicated)(rng)
+  variables = jax.jit(xla.traced_for(mesh, init),
+                      out_shardings=replicated)(rng)
   if config.init_from:
     variables[base.SEGMENTATION] = jax.device_put(
         checkpointing.load_variables(config.init_from,
@@ -110,22 +111,28 @@ def train_step(state, batch, rng, phase=0, *, method):
   """
   trees = {base.SEGMENTATION: state, **state.extra}
   rng = jax.random.fold_in(rng, state.step)
-  # A Python loop over the K (static, small) micro-batches: on XLA:CPU a
-  # lax.scan, even unrolled, made the demo's update 3x slower. Gradients
-  # are summed as they come; BatchNorm statistics thread through the
-  # micro-batches in order.
   k = jax.tree.leaves(batch)[0].shape[0]
-  grads, stats, terms = None, {n: t.batch_stats for n, t in trees.items()}, []
-  for i in range(k):
-    micro = jax.tree.map(lambda x, i=i: x[i], batch)
+  stats = {n: t.batch_stats for n, t in trees.items()}
+
+  def micro_step(stats, micro, i):
     variables = {n: {"params": t.params, "batch_stats": stats[n]}
                  for n, t in trees.items()}
-    micro_grads, new_stats, scalars = method.micro_batch_grads(
+    grads, new_stats, scalars = method.micro_batch_grads(
         variables, micro, jax.random.fold_in(rng, i), state.step, phase)
-    stats.update(new_stats)
-    grads = micro_grads if grads is None else jax.tree.map(
-        jnp.add, grads, micro_grads)
-    terms.append(scalars)
+    return grads, {**stats, **new_stats}, scalars
+
+  # Gradients are summed as they come; BatchNorm statistics thread through
+  # the micro-batches in order.
+  if not _scan_micro(method.config, k):
+    grads, terms = None, []
+    for i in range(k):
+      micro_grads, stats, scalars = micro_step(
+          stats, jax.tree.map(lambda x, i=i: x[i], batch), i)
+      grads = micro_grads if grads is None else jax.tree.map(
+          jnp.add, grads, micro_grads)
+      terms.append(scalars)
+  else:
+    grads, stats, terms = _scan_micro_batches(micro_step, stats, batch, k)
   grads = jax.tree.map(lambda g: g / k, grads)
   # Every tree's `step` counts updates (the run's position); a tree not
   # trained in this phase keeps its parameters and optimizer state.
@@ -136,15 +143,52 @@ def train_step(state, batch, rng, phase=0, *, method):
   # Trees moved otherwise than by gradients (e.g. DACS's EMA teacher).
   new = method.after_update(new, state.step)
   new_state = new.pop(base.SEGMENTATION).replace(extra=new)
-  classes = [t.pop("target_classes") for t in terms if "target_classes" in t]
-  scalars = jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *terms)
+  if isinstance(terms, list):  # the Python loop's; the scan's are stacked
+    terms = jax.tree.map(lambda *x: jnp.stack(x), *terms)
+  classes = terms.pop("target_classes", None)
+  scalars = jax.tree.map(lambda x: jnp.mean(x, axis=0), terms)
   for name in trees:
     key = ("" if name == base.SEGMENTATION else f"{name}_") + "grad_norm"
     scalars[key] = (optax.tree.norm(grads[name]) if name in grads else
                     jnp.zeros([], jnp.float32))
-  if classes:  # (K, B, M): for the host's class-overlap pairing table
-    scalars["target_classes"] = jnp.stack(classes)
+  if classes is not None:  # (K, B, M): for the host's pairing table
+    scalars["target_classes"] = classes
   return new_state, scalars
+
+
+MICRO_BATCH_LOOPS = ("auto", "loop", "scan")
+
+
+def _scan_micro(config, k):
+  """Whether an update of `k` micro-batches runs them as a lax.scan
+  (`config.train.micro_batch_loop`; "auto": in TPU and GPU programs, where
+  it puts one copy of the forward and backward pass in the program instead
+  of K, while XLA:CPU ran the demo's update 3x slower as a scan)."""
+  mode = config.train.get("micro_batch_loop", "auto")
+  if mode not in MICRO_BATCH_LOOPS:
+    raise ValueError(f"config.train.micro_batch_loop={mode!r}; expected one "
+                     f"of {MICRO_BATCH_LOOPS}")
+  if k == 1 or mode == "loop":
+    return False
+  return mode == "scan" or not xla.on_cpu()
+
+
+def _scan_micro_batches(micro_step, stats, batch, k):
+  """K micro-batches as a lax.scan of `micro_step(stats, micro, i) ->
+  (grads, stats, scalars)`: (summed grads, last stats, stacked scalars)."""
+  first = jax.tree.map(lambda x: x[0], batch)
+  shapes = jax.eval_shape(lambda: micro_step(stats, first, 0)[0])
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def body(carry, xs):
+    grads, stats = carry
+    micro, i = xs
+    micro_grads, stats, scalars = micro_step(stats, micro, i)
+    return (jax.tree.map(jnp.add, grads, micro_grads), stats), scalars
+
+  (grads, stats), terms = jax.lax.scan(body, (zeros, stats),
+                                       (batch, jnp.arange(k)))
+  return grads, stats, terms
 
 
 def create_train_step(config, method, mesh, compiler_options=None):
@@ -154,16 +198,17 @@ def create_train_step(config, method, mesh, compiler_options=None):
   The state and key are replicated, the state donated, the batch sharded
   on its batch axis (axis 1: K micro-batches x global batch); `phase`
   (positional, `method.phase_of(step)`) is static: one program per phase;
-  backend-specific compiler options come from `plca_jax.xla` unless
-  `compiler_options` is given. Main, the benchmarks and the tests use this
-  one function.
+  the program is traced for the mesh's platform (`xla.building_for`: the
+  model's forms, the Lovasz sort) and compiled with that platform's options
+  unless `compiler_options` is given. Main, plca_jax.aot, the benchmarks
+  and the tests use this one function.
   """
   del config  # the method holds it
   if compiler_options is None:
-    compiler_options = xla.compiler_options()
+    compiler_options = xla.compiler_options(xla.platform_of(mesh))
   replicated = sharding.replicated(mesh)
   return jax.jit(
-      functools.partial(train_step, method=method),
+      xla.traced_for(mesh, functools.partial(train_step, method=method)),
       in_shardings=(replicated, sharding.batch_sharding(mesh, 1),
                     replicated),
       out_shardings=(replicated, replicated), donate_argnums=(0,),

@@ -11,9 +11,19 @@ where XLA uses cuDNN / emits convolution gradients natively:
   `cse_barrier_expander` removes it first), so the block outputs the model
   materialises (`ResNet.block_barrier`) stay materialised.
 The model's own CPU forms (weight gradients and the ASPP head as matrix
-products: `ResNet.dot_weight_grads`, `DeepLabV2.head_as_dot`) are chosen
-with the same test, `on_cpu()`, in `plca_jax.models.get_model`.
+products: `ResNet.dot_weight_grads`, `DeepLabV2.head_as_dot`) and the
+Lovasz loss's host sort are chosen with the same test, `on_cpu()`.
+
+Every such choice follows the platform of the program being built, not the
+host's default backend: `create_train_step` and `create_eval_step` trace
+their function inside `building_for(mesh)`, so a TPU or GPU program
+compiled ahead of time on a CPU host (plca_jax.aot) is the program that
+TPU or GPU would run.
 """
+
+import contextlib
+import contextvars
+import glob
 
 import ctypes
 import ctypes.util
@@ -31,37 +41,115 @@ _CPU_OPTIONS = {
 }
 
 
+# The mesh of the program being traced, if one is.
+_BUILDING = contextvars.ContextVar("plca_jax_building_for", default=None)
+
+
+def platform_of(mesh):
+  """The platform ("cpu", "tpu", "gpu") of a mesh's devices."""
+  return mesh.devices.flat[0].platform
+
+
+@contextlib.contextmanager
+def building_for(mesh):
+  """Within it, `target_platform()`, `target_device_count()` and
+  `target_mesh()` describe `mesh`: enter it around the tracing of a
+  program built for `mesh`."""
+  token = _BUILDING.set(mesh)
+  try:
+    yield
+  finally:
+    _BUILDING.reset(token)
+
+
+def traced_for(mesh, fn):
+  """`fn` that traces inside `building_for(mesh)` (wrap before jax.jit)."""
+  def traced(*args, **kwargs):
+    with building_for(mesh):
+      return fn(*args, **kwargs)
+  return traced
+
+
+def target_platform():
+  """The platform of the program being built; outside `building_for`, the
+  default backend's."""
+  building = _BUILDING.get()
+  return platform_of(building) if building else jax.default_backend()
+
+
+def target_device_count():
+  """The device count of the program being built (else of this run)."""
+  building = _BUILDING.get()
+  return building.size if building else jax.device_count()
+
+
+def target_mesh():
+  """The mesh of the program being built, or None outside `building_for`."""
+  return _BUILDING.get()
+
+
 def on_cpu():
-  """True if the default backend is the CPU."""
-  return jax.default_backend() == "cpu"
+  """True if the program being built (else the default backend) is CPU."""
+  return target_platform() == "cpu"
 
 
-# Modules whose presence makes an accelerator JAX's default platform.
+# Modules whose presence makes an accelerator JAX's default platform, and
+# the device files of that accelerator on a host that has one.
 _ACCELERATOR_PLUGINS = (("libtpu", "tpu"), ("jax_cuda13_plugin", "cuda"),
                         ("jax_cuda12_plugin", "cuda"),
                         ("jax_rocm7_plugin", "rocm"))
+_DEVICE_FILES = {"tpu": ("/dev/accel*", "/dev/vfio/[0-9]*"),
+                 "cuda": ("/dev/nvidia[0-9]*",), "rocm": ("/dev/kfd",)}
+
+
+def _has_devices(platform):
+  return any(glob.glob(pattern) for pattern in _DEVICE_FILES[platform])
 
 
 def planned_platform():
   """The platform JAX will run on, decided without starting a backend.
 
   `JAX_PLATFORMS` (or jax_platforms) when set, else the first accelerator
-  whose plugin is installed, else "cpu". Settings that must precede the
-  first device use (plca_jax.main) are chosen with it; a plugin installed
-  on a host without its accelerator makes it name that accelerator.
+  whose plugin is installed and whose devices this host has (their device
+  files), else "cpu". Settings that must precede the first device use
+  (plca_jax.main) are chosen with it.
   """
   platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
   if platforms:
     return platforms.split(",")[0].strip()
   for module, platform in _ACCELERATOR_PLUGINS:
-    if importlib.util.find_spec(module) is not None:
+    if importlib.util.find_spec(module) is not None and _has_devices(
+        platform):
       return platform
   return "cpu"
 
 
-def compiler_options():
-  """Options for `jax.jit(..., compiler_options=...)` on this backend."""
-  return dict(_CPU_OPTIONS) if on_cpu() else {}
+def select_platform():
+  """`planned_platform()`, made JAX's choice when it is "cpu" on a host
+  where an accelerator plugin is installed without its devices: JAX would
+  otherwise start that plugin first (libtpu prints its start-up warnings
+  on every run). Must run before the first device use."""
+  platform = planned_platform()
+  if platform == "cpu" and not (jax.config.jax_platforms or
+                                os.environ.get("JAX_PLATFORMS")):
+    jax.config.update("jax_platforms", "cpu")
+  return platform
+
+
+CPU_FORM_PREFIX = "cpu_form_"
+
+
+def cpu_form(name):
+  """A named scope marking one of the CPU forms in a program's op names
+  (plca_jax.aot reports them; TPU and GPU programs hold none)."""
+  return jax.named_scope(CPU_FORM_PREFIX + name)
+
+
+def compiler_options(platform=None):
+  """Options for `jax.jit(..., compiler_options=...)` of a program for
+  `platform` (default: `target_platform()`)."""
+  platform = target_platform() if platform is None else platform
+  return dict(_CPU_OPTIONS) if platform == "cpu" else {}
 
 
 # glibc mallopt parameters (malloc.h).

@@ -221,6 +221,40 @@ class AdaptSegNetTest(absltest.TestCase):
     np.testing.assert_allclose(scalars["loss"], expected, rtol=1e-5)
 
 
+class MicroBatchLoopTest(parameterized.TestCase):
+
+  @parameterized.parameters("plca", "adaptsegnet")
+  def test_scan_equals_the_python_loop(self, name):
+    # The accelerators' lax.scan over micro-batches and the CPU's loop give
+    # one update: parameters, BatchNorm statistics, every tree's, scalars.
+    results = []
+    for loop in ("loop", "scan"):
+      config = _config(name)
+      config.train.micro_batch_loop = loop
+      method = methods.get_method(config)
+      mesh = train.sharding.create_mesh()
+      state = train.create_train_state(config, method, jax.random.key(0),
+                                       mesh)
+      batch, _ = train.next_update_batch(
+          input_pipeline.create_train_iterator(config), 2,
+          {d: method.batch_fields(d) for d in ("source", "target")})
+      step = train.create_train_step(config, method, mesh)
+      if loop == "scan":
+        self.assertIn("while", step.lower(
+            state, batch, train.step_key(config)).as_text())
+      results.append(jax.device_get(step(state, batch,
+                                         train.step_key(config))))
+    (loop_state, loop_scalars), (scan_state, scan_scalars) = results
+    self.assertEqual(sorted(loop_scalars), sorted(scan_scalars))
+    for key, value in loop_scalars.items():
+      np.testing.assert_allclose(scan_scalars[key], value, rtol=2e-5,
+                                 atol=1e-6, err_msg=key)
+    for tree in ("params", "batch_stats", "extra"):
+      for a, b in zip(jax.tree.leaves(getattr(loop_state, tree)),
+                      jax.tree.leaves(getattr(scan_state, tree))):
+        np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-6, err_msg=tree)
+
+
 class FDATest(absltest.TestCase):
 
   def _np_transfer(self, src, trg, beta):

@@ -150,35 +150,50 @@ class CpuDevicesTest(absltest.TestCase):
     self.assertEqual(out.stdout.strip().splitlines()[-1], "2")
 
 
-if __name__ == "__main__":
-  absltest.main()
-
-
 class PlannedPlatformTest(absltest.TestCase):
 
-  def _planned(self, env, blocked=()):
-    # A fresh process: the platform is read from its environment and its
-    # installed plugins, before JAX starts a backend.
+  def _planned(self, env, blocked=(), devices=()):
+    # A fresh process: the platform is read from its environment, its
+    # installed plugins and its device files, before JAX starts a backend.
+    # `blocked`: modules made to look installed; `devices`: device-file
+    # patterns made to match. Prints the platform and jax_platforms after.
     code = textwrap.dedent(f"""
         import importlib.util, sys
         real = importlib.util.find_spec
         importlib.util.find_spec = lambda name, *a: (
             object() if name in {list(blocked)!r} else real(name, *a))
         from plca_jax import xla
-        print(xla.planned_platform())
+        if {list(devices)!r}:
+          real_glob = xla.glob.glob
+          xla.glob.glob = lambda p: (
+              [p] if p in {list(devices)!r} else real_glob(p))
+        print(xla.select_platform(), xla.jax.config.jax_platforms)
         import jax
         assert not jax._src.xla_bridge._backends, "a backend started"
     """)
     proc = subprocess.run([sys.executable, "-c", code], env=env,
                           capture_output=True, text=True, check=True)
-    return proc.stdout.strip()
+    return proc.stdout.strip().splitlines()[-1]
 
-  def test_cpu_unless_an_accelerator_is_planned(self):
+  def test_an_accelerator_is_planned_where_its_plugin_and_devices_are(self):
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     self.assertEqual(self._planned({**env, "JAX_PLATFORMS": "cpu"},
-                                   blocked=("libtpu",)), "cpu")
+                                   blocked=("libtpu",)), "cpu cpu")
     self.assertEqual(self._planned({**env, "JAX_PLATFORMS": "cuda,cpu"}),
-                     "cuda")
-    self.assertEqual(self._planned(env, blocked=("libtpu",)), "tpu")
-    self.assertEqual(self._planned(env, blocked=("jax_cuda12_plugin",)),
-                     "cuda")
+                     "cuda cuda,cpu")
+    self.assertEqual(self._planned(env, blocked=("libtpu",),
+                                   devices=("/dev/accel*",)), "tpu None")
+    self.assertEqual(self._planned(env, blocked=("jax_cuda12_plugin",),
+                                   devices=("/dev/nvidia[0-9]*",)),
+                     "cuda None")
+
+  def test_a_plugin_without_its_devices_leaves_the_run_on_cpu(self):
+    # libtpu installed on a CPU host: the run is made a CPU one before JAX
+    # would start libtpu (and print its warnings).
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    self.assertEqual(self._planned(env, blocked=("libtpu",)), "cpu cpu")
+    self.assertEqual(self._planned(env), "cpu cpu")
+
+
+if __name__ == "__main__":
+  absltest.main()

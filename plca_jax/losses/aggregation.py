@@ -62,13 +62,15 @@ def _aggregate_rows(x, metric, alpha, chunk_size):
   return out, stats, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _aggregate_single(x, metric, alpha, chunk_size):
-  return _aggregate_rows(x, metric, alpha, chunk_size)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _aggregate_single(x, metric, alpha, chunk_size, precision):
+  with similarity.products_precision(precision):
+    return _aggregate_rows(x, metric, alpha, chunk_size)[0]
 
 
-def _aggregate_fwd(x, metric, alpha, chunk_size):
-  out, stats, d = _aggregate_rows(x, metric, alpha, chunk_size)
+def _aggregate_fwd(x, metric, alpha, chunk_size, precision):
+  with similarity.products_precision(precision):
+    out, stats, d = _aggregate_rows(x, metric, alpha, chunk_size)
   # x in its own dtype (bfloat16 stays bfloat16); `cos` also keeps the
   # output, from which its backward reads the rows' sum_j w_ij dw_ij, and,
   # where D is one chunk (small images), D itself: its backward then forms
@@ -78,11 +80,12 @@ def _aggregate_fwd(x, metric, alpha, chunk_size):
   return out, (x, out, stats, d)
 
 
-def _aggregate_bwd(metric, alpha, chunk_size, res, g):
+def _aggregate_bwd(metric, alpha, chunk_size, precision, res, g):
   x, out, stats, d = res
-  if metric == "cos":
-    return (_aggregate_bwd_cos(alpha, chunk_size, x, out, stats, g, d),)
-  return (_aggregate_bwd_kl(alpha, chunk_size, x, stats, g),)
+  with similarity.products_precision(precision):
+    if metric == "cos":
+      return (_aggregate_bwd_cos(alpha, chunk_size, x, out, stats, g, d),)
+    return (_aggregate_bwd_kl(alpha, chunk_size, x, stats, g),)
 
 
 # For `cos` both operands are x^ = diag(r) x and D = x^ x^T is symmetric,
@@ -243,7 +246,8 @@ def _aggregate_bwd_kl(alpha, chunk_size, x, stats, g):
 _aggregate_single.defvjp(_aggregate_fwd, _aggregate_bwd)
 
 
-def spatial_aggregate(x, metric="cos", alpha=0.5, chunk_size=None):
+def spatial_aggregate(x, metric="cos", alpha=0.5, chunk_size=None,
+                      precision="highest"):
   """Blends each pixel with its similarity-weighted aggregation (eq. 7-8).
 
   W = contrast_normalize(D_cos(x, x)) for `cos`, softmax(D_kl(x, x)) for `kl`;
@@ -254,6 +258,7 @@ def spatial_aggregate(x, metric="cos", alpha=0.5, chunk_size=None):
     metric: "cos" or "kl".
     alpha: blend weight of the aggregation.
     chunk_size: rows of W alive at once (None: all).
+    precision: of its matrix products (`similarity.PRECISIONS`).
 
   Returns:
     (N, H, W, C) in float32 (float64 for float64 input).
@@ -261,5 +266,5 @@ def spatial_aggregate(x, metric="cos", alpha=0.5, chunk_size=None):
   similarity.check_metric(metric)
   n, h, w, ch = x.shape
   fn = functools.partial(_aggregate_single, metric=metric, alpha=alpha,
-                         chunk_size=chunk_size)
+                         chunk_size=chunk_size, precision=precision)
   return similarity.per_image(fn, x.reshape(n, h * w, ch)).reshape(n, h, w, ch)

@@ -36,19 +36,26 @@ def _cycle_rows(s, t, labels, metric, ignore_label, chunk_size, sim_plca,
   return rows(s, t, labels, ignore_label, chunk_size, sim_plca, with_grads)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _cycle_single(s, t, labels, metric, ignore_label, chunk_size, sim_plca):
-  return _cycle_rows(s, t, labels, metric, ignore_label, chunk_size,
-                     sim_plca, with_grads=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _cycle_single(s, t, labels, metric, ignore_label, chunk_size, sim_plca,
+                  precision):
+  with similarity.products_precision(precision):
+    return _cycle_rows(s, t, labels, metric, ignore_label, chunk_size,
+                       sim_plca, with_grads=False)[0]
 
 
-def _cycle_fwd(s, t, labels, metric, ignore_label, chunk_size, sim_plca):
-  return _cycle_rows(s, t, labels, metric, ignore_label, chunk_size,
-                     sim_plca, with_grads=True)
+def _cycle_fwd(s, t, labels, metric, ignore_label, chunk_size, sim_plca,
+               precision):
+  # The gradients are formed here, with the outputs: every product of the
+  # association is traced under its precision.
+  with similarity.products_precision(precision):
+    return _cycle_rows(s, t, labels, metric, ignore_label, chunk_size,
+                       sim_plca, with_grads=True)
 
 
-def _cycle_bwd(metric, ignore_label, chunk_size, sim_plca, grads, ct):
-  del metric, ignore_label, chunk_size, sim_plca
+def _cycle_bwd(metric, ignore_label, chunk_size, sim_plca, precision, grads,
+               ct):
+  del metric, ignore_label, chunk_size, sim_plca, precision
   # Only the summed loss carries a gradient; the per-pixel outputs are
   # diagnostics (cycle_association returns them stop-gradient).
   ct_sum = ct[0]
@@ -62,7 +69,7 @@ _cycle_single.defvjp(_cycle_fwd, _cycle_bwd)
 
 def cycle_association(source, target, source_labels, metric="cos", *,
                       aggregate_target=True, alpha=0.5, ignore_label=255,
-                      chunk_size=None, sim_plca=False):
+                      chunk_size=None, sim_plca=False, precision="highest"):
   """Per-pixel cycle association i -> j*(i) -> i*(i) of each image pair.
 
   Args:
@@ -76,6 +83,8 @@ def cycle_association(source, target, source_labels, metric="cos", *,
     chunk_size: similarity rows alive at once (None: all).
     sim_plca: per-pixel loss -(D_st[i, j*] + D_ts[j*, i*]) on the raw
       similarities ("Sim-PLCA") instead of the contrastive form.
+    precision: of the matrix products of the association and aggregation
+      (`similarity.PRECISIONS`; config.loss.association_precision).
 
   Returns:
     dict: "mean_loss", the association loss (mean of the per-pixel loss
@@ -95,11 +104,12 @@ def cycle_association(source, target, source_labels, metric="cos", *,
     raise ValueError(f"source_labels {source_labels.shape} must be "
                      f"{(n, hs, ws)} (the source grid)")
   if aggregate_target:
-    target = aggregation.spatial_aggregate(target, metric, alpha, chunk_size)
+    target = aggregation.spatial_aggregate(target, metric, alpha, chunk_size,
+                                           precision)
   y = jnp.asarray(source_labels).reshape(n, hs * ws)
   fn = functools.partial(_cycle_single, metric=metric,
                          ignore_label=ignore_label, chunk_size=chunk_size,
-                         sim_plca=sim_plca)
+                         sim_plca=sim_plca, precision=precision)
   loss_sum, loss, j_star, i_star, valid, selected = similarity.per_image(
       fn, source.reshape(n, hs * ws, ch), target.reshape(n, -1, ch), y)
   count = jnp.maximum(jnp.sum(selected), 1).astype(loss_sum.dtype)

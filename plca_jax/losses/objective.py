@@ -26,7 +26,8 @@ def plca_objective(source_outputs, target_outputs, source_labels, *,
                    lovasz_weight=1.5, association_weight=0.1,
                    lsr_weight=0.01, alpha=0.5, lsr_lambda=10.0,
                    ignore_label=255, chunk_size=None, chunk_above_pixels=0,
-                   host_sort=None, target_labels=None):
+                   host_sort=None, target_labels=None,
+                   association_precision="highest"):
   """Total PLCA loss of one source and one target micro-batch.
 
   total = ce + lovasz_weight * lovasz + association_weight * (fass + cass)
@@ -48,7 +49,9 @@ def plca_objective(source_outputs, target_outputs, source_labels, *,
       similarity rows alive at once in the association, for images of more
       than `chunk_above_pixels` grid pixels (smaller ones run unchunked:
       `chunk_for`); `host_sort`: how the Lovasz term sorts
-      (`segmentation.descending_order`; None: decided from the backend).
+      (`segmentation.descending_order`; None: decided from the backend);
+      `association_precision`: of the association's matrix products
+      (`similarity.PRECISIONS`).
     target_labels: optional (N, H', W') int target labels, for the
       "*_correct" diagnostics only: no loss term reads them (tested).
 
@@ -90,7 +93,7 @@ def plca_objective(source_outputs, target_outputs, source_labels, *,
         s, t, grid_labels, metric, aggregate_target=aggregate_target,
         alpha=alpha, ignore_label=ignore_label,
         chunk_size=chunk_for(chunk_size, chunk_above_pixels, s, t),
-        sim_plca=sim_plca)
+        sim_plca=sim_plca, precision=association_precision)
     terms[name] = assoc["mean_loss"]
     total += association_weight * terms[name]
     target_size = t.shape[1] * t.shape[2]
@@ -117,4 +120,5 @@ def total_loss(config, source_outputs, target_outputs, source_labels,
       association_weight=c.association_weight, lsr_weight=c.lsr_weight,
       alpha=c.alpha, lsr_lambda=c.lsr_lambda, ignore_label=c.ignore_label,
       chunk_size=c.chunk_size, chunk_above_pixels=c.chunk_above_pixels,
-      host_sort=host_sort_of(c.lovasz_sort), target_labels=target_labels)
+      host_sort=host_sort_of(c.lovasz_sort), target_labels=target_labels,
+      association_precision=c.association_precision)

@@ -6,10 +6,13 @@ Also the two resampling operations the losses need, matching PyTorch:
 `upsample_bilinear` (align_corners=False) and `downsample_labels` (`nearest`).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from plca_jax import sharding
 from plca_jax import xla
 from plca_jax.losses import similarity
 
@@ -48,8 +51,12 @@ def upsample_bilinear(x, size):
   and downsampling (no antialiasing).
   """
   n, _, _, c = x.shape
-  return jax.image.resize(x, (n, size[0], size[1], c), method="bilinear",
-                          antialias=False)
+  # Images stay whole on their device (XLA would otherwise repartition the
+  # resize's products with all-to-alls).
+  x = sharding.constrain(x, sharding.DATA_AXIS)
+  return sharding.constrain(
+      jax.image.resize(x, (n, size[0], size[1], c), method="bilinear",
+                       antialias=False), sharding.DATA_AXIS)
 
 
 def cross_entropy(logits, labels, ignore_label=255):
@@ -65,8 +72,12 @@ def cross_entropy(logits, labels, ignore_label=255):
   _check_spatial(logits, labels, "logits")
   logp = jax.nn.log_softmax(similarity.at_least_f32(logits), axis=-1)
   valid = labels != ignore_label
-  safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  # The label's log-probability as a masked sum over classes: local to
+  # each image's device (a gather along the class axis is partitioned with
+  # all-gathers).
+  classes = jnp.arange(logp.shape[-1], dtype=jnp.int32)
+  nll = -jnp.sum(jnp.where(labels[..., None].astype(jnp.int32) == classes,
+                           logp, 0.0), axis=-1)
   return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
@@ -142,12 +153,13 @@ def descending_order(key, host_sort=None):
   `host_sort=False` (config.loss.lovasz_sort="xla") makes it cacheable.
   """
   if host_sort is None:
-    host_sort = xla.on_cpu() and jax.device_count() == 1
+    host_sort = xla.on_cpu() and xla.target_device_count() == 1
   if not host_sort:
     return jnp.argsort(-key, axis=0)
-  return jax.pure_callback(
-      _numpy_descending_order, jax.ShapeDtypeStruct(key.shape, jnp.int32),
-      jax.lax.stop_gradient(key), vmap_method="sequential")
+  with xla.cpu_form("host_sort"):
+    return jax.pure_callback(
+        _numpy_descending_order, jax.ShapeDtypeStruct(key.shape, jnp.int32),
+        jax.lax.stop_gradient(key), vmap_method="sequential")
 
 
 def lovasz_softmax(probs, labels, ignore_label=255, host_sort=None):
@@ -166,21 +178,29 @@ def lovasz_softmax(probs, labels, ignore_label=255, host_sort=None):
   """
   _check_spatial(probs, labels, "probs")
   m = probs.shape[-1]
-  p = similarity.at_least_f32(probs.reshape(-1, m))
-  y = labels.reshape(-1)
+  per_class, present = sharding.by_class_column(
+      functools.partial(_lovasz_columns, ignore_label=ignore_label,
+                        host_sort=host_sort),
+      columns=(similarity.at_least_f32(probs.reshape(-1, m)),
+               jnp.arange(m, dtype=jnp.int32)[None, :]),
+      shared=(labels.reshape(-1).astype(jnp.int32),), fill=(0.0, -1))
+  return jnp.sum(per_class * present) / jnp.maximum(jnp.sum(present), 1.0)
+
+
+def _lovasz_columns(p, classes, y, *, ignore_label, host_sort):
+  """Per class column of p (P, M'), classes (1, M') and the labels y (P,):
+  (the Lovasz extension of the class's errors, 1.0 if it is present)."""
   valid = (y != ignore_label)[:, None]
-  fg = (y[:, None] == jnp.arange(m)[None, :]) & valid  # (P, M)
-  fg = fg.astype(p.dtype)
-  errors = jnp.abs(fg - p)
+  fg = ((y[:, None] == classes) & valid).astype(p.dtype)  # (P, M')
+  errors = jnp.where(valid, jnp.abs(fg - p), 0.0)
   # Sort errors descending per class; ignored pixels go last (key -1) and
   # then count 0, so they change neither the order nor the Jaccard prefix.
   key = jnp.where(valid, jax.lax.stop_gradient(errors), -1.0)
   order = descending_order(key, host_sort)
-  errors_sorted = jnp.take_along_axis(jnp.where(valid, errors, 0.0), order, 0)
+  errors_sorted = jnp.take_along_axis(errors, order, 0)
   fg_sorted = jnp.take_along_axis(fg, order, 0)
   per_class = jnp.sum(errors_sorted * _lovasz_grad(fg_sorted), axis=0)
-  present = (jnp.sum(fg, axis=0) > 0).astype(p.dtype)
-  return jnp.sum(per_class * present) / jnp.maximum(jnp.sum(present), 1.0)
+  return per_class, (jnp.sum(fg, axis=0) > 0).astype(p.dtype)
 
 
 def lsr_loss(logits, lam=10.0):

@@ -29,6 +29,23 @@ STD_EPS = 1e-10
 METRICS = ("cos", "kl")
 
 
+# config.loss.association_precision: how TPUs and GPUs run the float32
+# products of the association and aggregation. "default" lets the backend
+# choose (TPU: one bfloat16 pass; NVIDIA since Ampere: TF32), "high" (TPU:
+# three bfloat16 passes), "highest" (float32). CPUs compute in float32
+# whatever the setting. docs/method.md, "Numerics on accelerators", has
+# the figures behind the default.
+PRECISIONS = ("default", "high", "highest")
+
+
+def products_precision(name):
+  """Context in which the matrix products traced get precision `name`."""
+  if name not in PRECISIONS:
+    raise ValueError(f"config.loss.association_precision={name!r}; "
+                     f"expected one of {PRECISIONS}")
+  return jax.default_matmul_precision(name)
+
+
 def at_least_f32(x):
   """x in float32, or float64 if it already is (bfloat16 is promoted)."""
   return jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))

@@ -2,8 +2,6 @@
 
 import jax.numpy as jnp
 
-from plca_jax import xla
-
 from plca_jax.models.deeplab_v2 import DeepLabV2
 MODELS = {"deeplab_v2": DeepLabV2}
 
@@ -15,14 +13,16 @@ def get_model(config, dtype=None):
   """Builds the model named by `config.model.name` from `config.model`.
 
   The compute dtype is `dtype` if given, else `config.train.compute_dtype`.
+  The XLA:CPU forms of the network (block barriers, weight gradients and
+  the head as matrix products) are left to the platform of the program
+  that traces it (`plca_jax.xla.on_cpu`).
   """
   if config.model.name not in MODELS:
     raise ValueError(f"config.model.name={config.model.name!r}; expected one "
                      f"of {sorted(MODELS)}")
   kwargs = dict(num_classes=config.model.num_classes,
                 depth=config.model.depth, width=config.model.width,
-                remat=config.model.remat, block_barrier=xla.on_cpu(),
-                head_as_dot=xla.on_cpu(), dot_weight_grads=xla.on_cpu(),
+                remat=config.model.remat,
                 stride_on=config.model.stride_on,
                 head_init=config.model.head_init)
   if dtype is None:

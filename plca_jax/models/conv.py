@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from plca_jax import xla
+
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -87,7 +89,9 @@ def _bwd(strides, padding, dilation, res, g):
   _, input_vjp = jax.vjp(
       lambda x: _forward(x, kernel, strides, padding, dilation), x)
   (dx,) = input_vjp(g)
-  return dx, weight_grad(x, g, kernel.shape, strides, padding, dilation)
+  with xla.cpu_form("dot_weight_grad"):
+    dw = weight_grad(x, g, kernel.shape, strides, padding, dilation)
+  return dx, dw
 
 
 conv_dot_weight_grad.defvjp(_fwd, _bwd)

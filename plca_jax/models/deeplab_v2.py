@@ -3,12 +3,13 @@
 docs/method.md, Network.
 """
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from plca_jax import xla
 from plca_jax.models import resnet
 
 # Initialisations of the head's convs (docs/method.md, Network), by
@@ -100,7 +101,8 @@ class ASPPHead(nn.Module):
       kernels = [_Kernel(shape, head_initializer(self.initializer),
                          name=f"conv{i}")().astype(self.dtype)
                  for i in range(len(self.rates))]
-      return aspp_as_dot(x.astype(self.dtype), kernels, self.rates)
+      with xla.cpu_form("head_as_dot"):
+        return aspp_as_dot(x.astype(self.dtype), kernels, self.rates)
     out = 0
     for i, r in enumerate(self.rates):
       out = out + nn.Conv(
@@ -132,20 +134,22 @@ class DeepLabV2(nn.Module):
   aspp_rates: Sequence[int] = (6, 12, 18, 24)
   dtype: Any = jnp.float32
   remat: str = "none"  # see resnet.ResNet
-  block_barrier: bool = False
+  block_barrier: Optional[bool] = None  # None: on a CPU program (xla)
   aux_head: bool = False
   stride_on: str = "1x1"  # see resnet.ResNet
   head_init: str = "torch_default"  # see HEAD_INITS
-  # XLA:CPU's kernels (CPU backend only): the ASPP sums as one matrix
-  # product (ASPPHead.as_dot), the backbone's weight gradients as matrix
-  # products (resnet.ResNet.dot_weight_grads).
-  head_as_dot: bool = False
-  dot_weight_grads: bool = False
+  # XLA:CPU's kernels: the ASPP sums as one matrix product
+  # (ASPPHead.as_dot), the backbone's weight gradients as matrix products
+  # (resnet.ResNet.dot_weight_grads). None: when the program being built
+  # is a CPU one (plca_jax.xla.on_cpu at trace time).
+  head_as_dot: Optional[bool] = None
+  dot_weight_grads: Optional[bool] = None
   # Training-mode BatchNorm over G interleaved groups of the batch, each
   # with its own statistics (resnet.ResNet, norm.BatchNorm.groups).
   bn_groups: int = 1
 
   def setup(self):
+    as_dot = xla.on_cpu() if self.head_as_dot is None else self.head_as_dot
     self.backbone = resnet.ResNet(depth=self.depth, width=self.width,
                                   dtype=self.dtype, remat=self.remat,
                                   block_barrier=self.block_barrier,
@@ -155,12 +159,12 @@ class DeepLabV2(nn.Module):
                                   dot_weight_grads=self.dot_weight_grads)
     self.classifier = ASPPHead(self.num_classes, self.aspp_rates,
                                dtype=self.dtype, initializer=self.head_init,
-                               as_dot=self.head_as_dot)
+                               as_dot=as_dot)
     if self.aux_head:
       self.aux_classifier = ASPPHead(self.num_classes, self.aspp_rates,
                                      dtype=self.dtype,
                                      initializer=self.head_init,
-                                     as_dot=self.head_as_dot)
+                                     as_dot=as_dot)
 
   def classify(self, features):
     return self.classifier(features)

@@ -20,13 +20,14 @@ Submodule names follow the PyTorch state-dict names (`conv1`, `bn1`,
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
+from plca_jax import xla
 from plca_jax.models import conv as conv_lib
 from plca_jax.models import norm as norm_lib
 
@@ -177,10 +178,10 @@ class ResNet(nn.Module):
       (`lax.optimization_barrier`). XLA:CPU otherwise copies the cheap
       residual add/ReLU chain into every consumer, recomputing whole layers
       (quadratic in the block count); `plca_jax.xla` keeps the barrier
-      through XLA:CPU's passes. Set on the CPU backend only.
+      through XLA:CPU's passes. None (default): in CPU programs only.
     dot_weight_grads: every conv's weight gradient as matrix products
       (`conv.Conv`) instead of XLA's weight-gradient convolution, which
-      XLA:CPU runs slowly. Set on the CPU backend only.
+      XLA:CPU runs slowly. None (default): in CPU programs only.
     bn_groups: training-mode BatchNorm normalises G interleaved groups of
       the batch (row n in group n % G) each with its own statistics, so G
       domains can share one pass (`methods.base.forward_pair`).
@@ -192,13 +193,13 @@ class ResNet(nn.Module):
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
   remat: str = "none"
-  block_barrier: bool = False
+  block_barrier: Optional[bool] = None  # None: on a CPU program (xla)
   return_layer3: bool = False  # return (layer3 output, layer4 output)
   # Bottleneck stride placement: "1x1" (Caffe/DeepLab weights) or "3x3"
   # (torchvision weights); basic blocks stride their first 3x3 conv.
   stride_on: str = "1x1"
   bn_groups: int = 1  # see norm.BatchNorm.groups
-  dot_weight_grads: bool = False
+  dot_weight_grads: Optional[bool] = None  # None: on a CPU program (xla)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -212,6 +213,10 @@ class ResNet(nn.Module):
       raise ValueError(f"config.model.stride_on={self.stride_on!r}; "
                        f"expected one of {STRIDE_ON}")
     block_cls, layers = RESNET_SPECS[self.depth]
+    cpu = xla.on_cpu()  # the platform of the program being traced
+    barrier = cpu if self.block_barrier is None else self.block_barrier
+    dot_grads = cpu if self.dot_weight_grads is None else (
+        self.dot_weight_grads)
     extra = {"stride_on": self.stride_on} if block_cls is Bottleneck else {}
     if self.remat == "block":
       block_cls = nn.remat(block_cls)
@@ -226,7 +231,7 @@ class ResNet(nn.Module):
 
     x = x.astype(self.dtype)
     x = _conv(self.width, 7, 2, "conv1", dilation=1, dtype=self.dtype,
-              dot_weight_grad=self.dot_weight_grads)(x)
+              dot_weight_grad=dot_grads)(x)
     x = nn.relu(norm(name="bn1")(x))
     x = max_pool_ceil(x)
 
@@ -248,10 +253,11 @@ class ResNet(nn.Module):
             dilation=dilation,
             downsample=first and (stride != 1 or in_channels != out_channels),
             norm=norm, dtype=self.dtype,
-            dot_weight_grad=self.dot_weight_grads, **extra,
+            dot_weight_grad=dot_grads, **extra,
             name=f"layer{i + 1}_{b}")(x)
-        if self.block_barrier:
-          x = jax.lax.optimization_barrier(x)
+        if barrier:
+          with xla.cpu_form("block_barrier"):
+            x = jax.lax.optimization_barrier(x)
         in_channels = out_channels
       if i == 2:
         layer3 = x

@@ -1,0 +1,267 @@
+"""Tests of plca_jax.aot: the TPU and GPU programs, compiled on this host.
+
+The tiny test config's update is compiled for a TPU v5e slice of 4 chips
+and for one H100 by `python -m plca_jax.aot`, as a user runs it; the AOT
+wheels (libtpu, the CUDA plugin: requirements-aot.txt) are installed into
+their own directory first if they are not there (`aot.AOT_WHEELS`).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+import jax
+import numpy as np
+
+from configs import test as test_config
+from plca_jax import aot
+from plca_jax import aot_targets
+from plca_jax import sharding
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPORTS = {}
+
+
+def setUpModule():
+  """Installs the AOT wheels into aot.AOT_WHEELS unless they are there."""
+  have = all(os.path.isdir(os.path.join(aot.AOT_WHEELS, name))
+             for name in ("libtpu", "jax_cuda12_plugin"))
+  if not have:
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
+                    "--disable-pip-version-check", "--no-deps", "--upgrade",
+                    "--target", aot.AOT_WHEELS, "-r",
+                    os.path.join(REPO, "requirements-aot.txt")], check=True)
+
+
+def _aot_env():
+  # The tests' XLA:CPU flags (conftest.py) are not the accelerators'.
+  return {k: v for k, v in os.environ.items()
+          if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+
+
+def report(target, *overrides):
+  """The JSON report of `python -m plca_jax.aot` for the test config."""
+  key = (target, overrides)
+  if key not in _REPORTS:
+    workdir = tempfile.mkdtemp()
+    proc = subprocess.run(
+        [sys.executable, "-m", "plca_jax.aot", "--config=configs/test.py",
+         f"--target={target}", f"--workdir={workdir}", "--nosearch_batch",
+         *overrides], cwd=REPO, env=_aot_env(), capture_output=True,
+        text=True, check=False)
+    if proc.returncode:
+      raise AssertionError(f"plca_jax.aot failed:\n{proc.stderr[-3000:]}")
+    with open(os.path.join(workdir, f"aot_{target}.json")) as f:
+      _REPORTS[key] = (json.load(f), proc.stdout)
+  return _REPORTS[key]
+
+
+def lovasz_bytes(config, chips):
+  """Bytes the Lovasz term of an update must move between devices: each
+  micro-batch's class columns (P x M float32) and labels (P int32)."""
+  k = config.train.grad_accum_steps
+  h, w = config.data.crop_size
+  pixels = config.train.batch_size * h * w
+  return k * pixels * (4 * config.model.num_classes + 4) * chips
+
+
+class TpuProgramTest(absltest.TestCase):
+
+  def test_tpu_update_is_data_parallel_without_cpu_forms(self):
+    record, stdout = report("tpu-v5e-4", "--config.train.batch_size=4")
+    train = record["programs"]["train"]
+    self.assertIn("train step (per device", stdout)
+    self.assertEqual(record["chips"], 4)
+    self.assertEqual(train["cpu_forms"], {})
+    self.assertEqual(train["host_callbacks"], 0)
+    self.assertEqual(train["host_transfers"], 0)
+    self.assertTrue(train["fits"])
+    self.assertGreater(train["flops"], 0)
+    self.assertGreater(train["roofline"]["estimate_s"], 0)
+    # Gradients and BatchNorm moments (all-reduce), the Lovasz term's class
+    # columns and labels (all-to-all, all-gather); nothing partitioned
+    # over space (no collective-permute), no reduce-scatter.
+    kinds = train["collectives"]
+    self.assertEqual(sorted(kinds), ["all-gather", "all-reduce",
+                                     "all-to-all"])
+    config = test_config.get_config()
+    config.train.batch_size = 4
+    moved = kinds["all-gather"]["bytes"] + kinds["all-to-all"]["bytes"]
+    self.assertLessEqual(moved, 3 * lovasz_bytes(config, 4))
+    self.assertIn("eval", record["programs"])
+    self.assertEqual(record["programs"]["eval"]["cpu_forms"], {})
+
+  def test_scan_puts_one_copy_of_the_pass_in_the_program(self):
+    # Two micro-batches: the scan's program holds a loop over one copy of
+    # the forward and backward pass, the loop's two copies.
+    scan, _ = report("tpu-v5e-4", "--config.train.batch_size=4")
+    loop, _ = report("tpu-v5e-4", "--config.train.batch_size=4",
+                     "--config.train.micro_batch_loop=loop", "--noeval")
+    self.assertGreater(loop["programs"]["train"]["convolutions"],
+                       1.5 * scan["programs"]["train"]["convolutions"])
+    self.assertGreater(scan["programs"]["train"]["while_loops"],
+                       loop["programs"]["train"]["while_loops"])
+
+
+class GpuProgramTest(absltest.TestCase):
+
+  def test_gpu_update_uses_cudnn_and_no_cpu_forms(self):
+    record, _ = report("gpu-h100-80gb", "--noeval")
+    train = record["programs"]["train"]
+    self.assertEqual(train["cpu_forms"], {})
+    self.assertEqual(train["host_callbacks"], 0)
+    self.assertEqual(train["collectives"], {})  # one GPU
+    convolutions = {k: v for k, v in train["custom_calls"].items()
+                    if k.startswith("__cudnn$conv")}
+    self.assertGreater(sum(convolutions.values()), 0)
+    self.assertTrue(any("BackwardFilter" in k for k in convolutions))
+    self.assertGreater(train["flops"], 0)
+
+
+class MissingWheelTest(absltest.TestCase):
+
+  def test_a_target_without_its_wheel_names_the_pip_command(self):
+    env = {**_aot_env(), "PLCA_JAX_AOT_WHEELS": "/nonexistent"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "plca_jax.aot", "--config=configs/test.py",
+         "--target=tpu-v5e-8"], cwd=REPO, env=env, capture_output=True,
+        text=True, check=False)
+    self.assertEqual(proc.returncode, 2)
+    self.assertIn("--target=tpu-v5e-8 needs libtpu", proc.stderr)
+    self.assertIn("pip install --no-deps --target /nonexistent",
+                  proc.stderr)
+
+  def test_unknown_target_lists_the_targets(self):
+    with self.assertRaisesRegex(ValueError, "tpu-v5e-8.*gpu-h100-80gb"):
+      aot.get_target("tpu-v9")
+
+
+class CpuProgramTest(absltest.TestCase):
+
+  def test_the_cpu_program_keeps_its_forms(self):
+    config = test_config.get_config()
+    config.loss.lovasz_sort = "auto"
+    mesh = sharding.create_mesh(jax.devices()[:1])
+    config, _ = aot.aot_config(config, 1)
+    forms = aot.cpu_forms(aot.lower(config, mesh, with_eval=False).train)
+    self.assertEqual(sorted(forms), ["block_barrier", "dot_weight_grad",
+                                     "head_as_dot", "host_sort"])
+
+  def test_association_products_carry_the_configured_precision(self):
+    mesh = sharding.create_mesh(jax.devices()[:1])
+    counts = {}
+    for precision in ("highest", "default"):
+      config = test_config.get_config()
+      config.loss.association_precision = precision
+      config, _ = aot.aot_config(config, 1)
+      text = aot.lower(config, mesh, with_eval=False).train.as_text()
+      counts[precision] = text.count("precision = [HIGHEST, HIGHEST]")
+    self.assertGreater(counts["highest"], 10)
+    self.assertEqual(counts["default"], 0)
+
+  def test_eight_cpu_devices_hold_the_same_collectives(self):
+    code = (
+        "import json, jax\n"
+        "from configs import test\n"
+        "from plca_jax import aot, sharding\n"
+        "c = test.get_config(); c.train.batch_size = 8\n"
+        "mesh = sharding.create_mesh(jax.devices())\n"
+        "c, _ = aot.aot_config(c, mesh.size)\n"
+        "hlo = aot.lower(c, mesh, with_eval=False).train.compile().as_text()\n"
+        "print(json.dumps(aot.hlo_census(hlo)['collectives']))\n")
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") +
+           " --xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                          capture_output=True, text=True, check=False)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    kinds = json.loads(proc.stdout.strip().splitlines()[-1])
+    self.assertNotIn("collective-permute", kinds)
+    self.assertNotIn("reduce-scatter", kinds)
+    self.assertIn("all-reduce", kinds)
+    config = test_config.get_config()
+    config.train.batch_size = 8
+    moved = sum(kinds.get(k, {"bytes": 0})["bytes"]
+                for k in ("all-gather", "all-to-all"))
+    self.assertLessEqual(moved, 3 * lovasz_bytes(config, 8))
+
+
+class AnalysisTest(absltest.TestCase):
+
+  def test_census_counts_async_pairs_once_with_their_bytes(self):
+    hlo = "\n".join([
+        "  %ag-start = (f32[4]{0}, f32[16]{0}) all-gather-start(f32[4]{0} "
+        "%p), dimensions={0}",
+        "  %ag-done = f32[16]{0} all-gather-done((f32[4]{0}, f32[16]{0}) "
+        "%ag-start)",
+        "  %ar = bf16[8,2]{1,0} all-reduce(bf16[8,2]{1,0} %x), to_apply=%add",
+        "  ROOT %cb = f32[3]{0} custom-call(f32[3]{0} %y), "
+        'custom_call_target="xla_ffi_python_cpu_callback"',
+        "  %w = (s32[], f32[2]{0}) while((s32[], f32[2]{0}) %t), "
+        "condition=%c, body=%b",
+        "  %r = (f32[2]{0}, u32[], token[]) recv(token[] %tok), "
+        "is_host_transfer=true"])
+    census = aot.hlo_census(hlo)
+    self.assertEqual(census["collectives"], {
+        "all-gather": {"count": 1, "bytes": 64},
+        "all-reduce": {"count": 1, "bytes": 32}})
+    self.assertEqual(census["host_callbacks"], 1)
+    self.assertEqual(census["while_loops"], 1)
+    self.assertEqual(census["host_transfers"], 1)
+    self.assertEqual(census["custom_calls"],
+                     {"xla_ffi_python_cpu_callback": 1})
+
+  def test_cudnn_convolution_flops_from_shapes(self):
+    # y (2, 8, 8, 16) from x (2, 8, 8, 4) and a 3x3x4x16 kernel: forward,
+    # input gradient and weight gradient each 2 * |y| * 3 * 3 * 4.
+    expected = 2 * (2 * 8 * 8 * 16) * 3 * 3 * 4
+    lines = [
+        "  %f = (f32[2,8,8,16]{3,2,1,0}, u8[0]{0}) custom-call("
+        "f32[2,8,8,4]{3,2,1,0} %x, f32[3,3,4,16]{3,2,1,0} %k), "
+        "window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, "
+        'custom_call_target="__cudnn$convForward"',
+        "  %i = (f32[2,8,8,4]{3,2,1,0}, u8[0]{0}) custom-call("
+        "f32[2,8,8,16]{3,2,1,0} %dy, f32[3,3,4,16]{3,2,1,0} %k), "
+        "window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, "
+        'custom_call_target="__cudnn$convBackwardInput"',
+        "  %w = (f32[3,3,4,16]{3,2,1,0}, u8[0]{0}) custom-call("
+        "f32[2,8,8,4]{3,2,1,0} %x, f32[2,8,8,16]{3,2,1,0} %dy), "
+        "window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, "
+        'custom_call_target="__cudnn$convBackwardFilter"']
+    for line in lines:
+      self.assertEqual(aot.gpu_library_flops(line), expected, line)
+
+  def test_largest_micro_batch_search_fits_and_confirms(self):
+    limit = 100
+    compiles = []
+
+    def peak(n):  # 10 + 17 n bytes: 5 images fit
+      compiles.append(n)
+      return 10 + 17 * n
+
+    self.assertEqual(aot.search_micro_batch(peak, limit), 5)
+    self.assertLessEqual(len(compiles), 4)
+    self.assertEqual(aot.search_micro_batch(lambda n: 200 * n, limit), 0)
+
+  def test_targets_cite_their_figures(self):
+    for name, target in aot_targets.TARGETS.items():
+      chip = target.spec
+      self.assertTrue(chip.source.startswith("https://"), name)
+      self.assertGreater(chip.bf16_flops, chip.bandwidth, name)
+      self.assertIn(target.platform, ("tpu", "gpu"), name)
+    text = aot_targets.gpu_target_config("h100-80gb")
+    self.assertIn("core_count: 132", text)
+    self.assertIn("cuda_compute_capability { major: 9 minor: 0 }", text)
+
+  def test_roofline_is_the_slower_of_arithmetic_and_traffic(self):
+    chip = aot_targets.CHIPS["tpu-v5e"]
+    r = aot.roofline(chip.bf16_flops, chip.bandwidth * 2, chip, "bfloat16")
+    np.testing.assert_allclose([r["compute_s"], r["memory_s"],
+                                r["estimate_s"]], [1.0, 2.0, 2.0])
+    self.assertEqual(r["bound"], "memory")
+
+
+if __name__ == "__main__":
+  absltest.main()
