@@ -15,6 +15,7 @@ import tempfile
 from absl.testing import absltest
 import jax
 import numpy as np
+import pytest
 
 from configs import test as test_config
 from plca_jax import aot
@@ -68,6 +69,7 @@ def lovasz_bytes(config, chips):
   return k * pixels * (4 * config.model.num_classes + 4) * chips
 
 
+@pytest.mark.slow
 class TpuProgramTest(absltest.TestCase):
 
   def test_tpu_update_is_data_parallel_without_cpu_forms(self):
@@ -94,18 +96,13 @@ class TpuProgramTest(absltest.TestCase):
     self.assertIn("eval", record["programs"])
     self.assertEqual(record["programs"]["eval"]["cpu_forms"], {})
 
-  def test_scan_puts_one_copy_of_the_pass_in_the_program(self):
-    # Two micro-batches: the scan's program holds a loop over one copy of
-    # the forward and backward pass, the loop's two copies.
-    scan, _ = report("tpu-v5e-4", "--config.train.batch_size=4")
-    loop, _ = report("tpu-v5e-4", "--config.train.batch_size=4",
-                     "--config.train.micro_batch_loop=loop", "--noeval")
-    self.assertGreater(loop["programs"]["train"]["convolutions"],
-                       1.5 * scan["programs"]["train"]["convolutions"])
-    self.assertGreater(scan["programs"]["train"]["while_loops"],
-                       loop["programs"]["train"]["while_loops"])
+  def test_tpu_update_scans_its_micro_batches(self):
+    record, _ = report("tpu-v5e-4", "--config.train.batch_size=4")
+    self.assertEqual(record["config"]["train"]["grad_accum_steps"], 2)
+    self.assertGreater(record["programs"]["train"]["while_loops"], 0)
 
 
+@pytest.mark.slow
 class GpuProgramTest(absltest.TestCase):
 
   def test_gpu_update_uses_cudnn_and_no_cpu_forms(self):
@@ -150,6 +147,21 @@ class CpuProgramTest(absltest.TestCase):
     self.assertEqual(sorted(forms), ["block_barrier", "dot_weight_grad",
                                      "head_as_dot", "host_sort"])
 
+  def test_scan_puts_one_copy_of_the_pass_in_the_program(self):
+    # Two micro-batches: the loop's program holds two copies of the
+    # forward and backward pass, the scan's one (lowered CPU programs).
+    mesh = sharding.create_mesh(jax.devices()[:1])
+    convolutions = {}
+    for loop in ("loop", "scan"):
+      config = test_config.get_config()
+      config.train.micro_batch_loop = loop
+      config, _ = aot.aot_config(config, 1)
+      text = aot.lower(config, mesh, with_eval=False).train.as_text()
+      convolutions[loop] = text.count("stablehlo.convolution")
+    self.assertEqual(config.train.grad_accum_steps, 2)
+    self.assertGreater(convolutions["scan"], 0)
+    self.assertGreater(convolutions["loop"], 1.8 * convolutions["scan"])
+
   def test_association_products_carry_the_configured_precision(self):
     mesh = sharding.create_mesh(jax.devices()[:1])
     counts = {}
@@ -159,8 +171,8 @@ class CpuProgramTest(absltest.TestCase):
       config, _ = aot.aot_config(config, 1)
       text = aot.lower(config, mesh, with_eval=False).train.as_text()
       counts[precision] = text.count("precision = [HIGHEST, HIGHEST]")
-    self.assertGreater(counts["highest"], 10)
-    self.assertEqual(counts["default"], 0)
+    # (jax.image.resize's products are HIGHEST in both.)
+    self.assertGreater(counts["highest"], counts["default"] + 10)
 
   def test_eight_cpu_devices_hold_the_same_collectives(self):
     code = (

@@ -35,7 +35,8 @@ def _max_rel_diff(a, b):
 def one_update(config, state, batch, devices):
   """(params, batch_stats, scalars, compiled-step HLO facts).
 
-  The facts: the shapes of all all-gathers, and the largest window of any
+  The facts: the shapes of all all-gathers, the kinds of the other
+  collectives that move data between devices, and the largest window of any
   reduce-window (a cumsum over a sharded axis becomes a reduce-window over
   the whole global axis: quadratic work, see losses.segmentation).
   """
@@ -46,12 +47,15 @@ def one_update(config, state, batch, devices):
   key = train.step_key(config)
   hlo = step.lower(state, batch, key).compile().as_text()
   gathers = re.findall(r"= (\w+\[[\d,]*\])\S* all-gather\(", hlo)
+  exchanges = re.findall(r" (all-to-all|collective-permute|reduce-scatter)"
+                         r"(?:-start)?\(", hlo)
   windows = [int(np.prod([int(d) for d in w.split("x")]))
              for w in re.findall(r"reduce-window\(.*?window=\{size=([\dx]+)",
                                  hlo)]
   new_state, scalars = step(state, batch, key)
   return jax.device_get((new_state.params, new_state.batch_stats,
                          scalars)) + ({"all_gathers": gathers,
+                                       "exchanges": sorted(set(exchanges)),
                                        "max_window": max(windows, default=0)},)
 
 
@@ -82,10 +86,10 @@ def main():
                               for x in jax.tree.leaves(pb))),
       "bf16_param_dtype": str(jax.tree.leaves(pb)[0].dtype),
       "all_gathers": hlo["all_gathers"],
+      "exchanges": hlo["exchanges"],
       "max_reduce_window": hlo["max_window"],
-      "lovasz_shape": "f32[%d,%d]" % (
-          config.train.batch_size * int(np.prod(config.data.crop_size)),
-          config.model.num_classes),
+      "lovasz_pixels": config.train.batch_size * int(np.prod(
+          config.data.crop_size)),
   }))
 
 

@@ -112,6 +112,28 @@ class LovaszTest(parameterized.TestCase):
     np.testing.assert_allclose(g, reference.numeric_grad(ref, probs),
                                rtol=1e-6, atol=1e-9)
 
+  def test_accelerator_form_sorts_instead_of_gathering(self):
+    # TPU and GPU programs weight the unsorted errors by the Jaccard
+    # weights sorted back (no gather): the float64 reference's value and
+    # gradient, with ties and ignored pixels, as the CPU form.
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 5, 6, 4))
+    logits[1, :2] = logits[1, 2:4]  # tied errors
+    probs = reference.softmax(logits)
+    labels = rng.integers(0, 4, size=(2, 5, 6))
+    labels[rng.random(labels.shape) < 0.2] = 255
+    with mock.patch.object(segmentation.xla, "on_cpu", return_value=False):
+      with jax.enable_x64(True):
+        value, g = jax.value_and_grad(losses.lovasz_softmax)(
+            jnp.asarray(probs), jnp.asarray(labels))
+        text = jax.jit(losses.lovasz_softmax).lower(
+            jnp.asarray(probs), jnp.asarray(labels)).as_text()
+    self.assertNotIn("gather", text)
+    ref = lambda p: reference.lovasz_softmax(p, labels, frozen=probs)
+    np.testing.assert_allclose(value, ref(probs), rtol=1e-12)
+    np.testing.assert_allclose(g, reference.numeric_grad(ref, probs),
+                               rtol=1e-6, atol=1e-9)
+
   def test_host_sort_equals_xla_sort(self):
     # The NumPy order (single CPU device) and XLA's sort give the same loss
     # and gradient, ties and ignored pixels included; under jit, as in the

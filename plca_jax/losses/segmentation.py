@@ -187,20 +187,39 @@ def lovasz_softmax(probs, labels, ignore_label=255, host_sort=None):
   return jnp.sum(per_class * present) / jnp.maximum(jnp.sum(present), 1.0)
 
 
-def _lovasz_columns(p, classes, y, *, ignore_label, host_sort):
+def _lovasz_columns(p, classes, y, *, ignore_label, host_sort,
+                    by_sorting=None):
   """Per class column of p (P, M'), classes (1, M') and the labels y (P,):
-  (the Lovasz extension of the class's errors, 1.0 if it is present)."""
+  (the Lovasz extension of the class's errors, 1.0 if it is present).
+
+  `by_sorting` (None: in TPU and GPU programs) moves the data with sorts
+  only: the labels sort with the errors, and the Jaccard weights of the
+  sorted order go back to pixel order by a second sort on the
+  permutation, so the loss is a weighted sum of the unsorted errors. The
+  other form gathers the errors in sorted order (a gather, and a scatter
+  in its gradient). Both are sum_i e_(i) g_i; only the summation order
+  differs.
+  """
   valid = (y != ignore_label)[:, None]
   fg = ((y[:, None] == classes) & valid).astype(p.dtype)  # (P, M')
   errors = jnp.where(valid, jnp.abs(fg - p), 0.0)
   # Sort errors descending per class; ignored pixels go last (key -1) and
   # then count 0, so they change neither the order nor the Jaccard prefix.
   key = jnp.where(valid, jax.lax.stop_gradient(errors), -1.0)
+  present = (jnp.sum(fg, axis=0) > 0).astype(p.dtype)
+  if by_sorting is None:
+    by_sorting = not xla.on_cpu()
+  if by_sorting:
+    rows = jax.lax.broadcasted_iota(jnp.int32, key.shape, 0)
+    _, fg_sorted, permutation = jax.lax.sort(
+        (-key, fg, rows), dimension=0, num_keys=1, is_stable=True)
+    _, weights = jax.lax.sort((permutation, _lovasz_grad(fg_sorted)),
+                              dimension=0, num_keys=1)
+    return jnp.sum(errors * jax.lax.stop_gradient(weights), axis=0), present
   order = descending_order(key, host_sort)
   errors_sorted = jnp.take_along_axis(errors, order, 0)
   fg_sorted = jnp.take_along_axis(fg, order, 0)
-  per_class = jnp.sum(errors_sorted * _lovasz_grad(fg_sorted), axis=0)
-  return per_class, (jnp.sum(fg, axis=0) > 0).astype(p.dtype)
+  return jnp.sum(errors_sorted * _lovasz_grad(fg_sorted), axis=0), present
 
 
 def lsr_loss(logits, lam=10.0):
