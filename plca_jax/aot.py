@@ -312,6 +312,7 @@ def collective_sources(hlo_text, package="plca_jax"):
   return {k: dict(v.most_common()) for k, v in sorted(out.items())}
 
 
+_NAME = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = ")
 _DIM_LABELS = re.compile(r"dim_labels=(\w+)_(\w+)->(\w+)")
 
 
@@ -324,13 +325,27 @@ def gpu_library_flops(hlo_text):
   2 |out| K.
   """
   flops = 0
+  # Operands are printed by name in the optimized module: their shapes
+  # come from the instructions (and parameters) that define them.
+  defined = {}
+  for line in hlo_text.splitlines():
+    name = _NAME.match(line)
+    match = _INSTRUCTION.match(line)
+    if name and match:
+      defined[name.group(1)] = match.group(1)
   for line in hlo_text.splitlines():
     match = _INSTRUCTION.match(line)
     if not match or match.group(2) != "custom-call":
       continue
     result, _, rest = match.groups()
     target = (_TARGET.search(rest) or [None, ""])[1]
-    operands = _shapes(rest.split(")", 1)[0])
+    operands = []
+    for operand in rest.split(")", 1)[0].split(", "):
+      shapes = _shapes(operand)
+      if not shapes:
+        named = re.search(r"%([\w.\-]+)", operand)
+        shapes = _shapes(defined.get(named.group(1), "")) if named else []
+      operands += shapes[:1]
     results = _shapes(result)
     if target.startswith("__cudnn$conv"):
       labels = _DIM_LABELS.search(rest)

@@ -173,6 +173,10 @@ def main(argv):
   config, notes = schedule.resolve(config, jax.device_count())
   for note in notes:
     logging.info("%s", note)
+  cache = xla.use_compilation_cache(config.train.get("compilation_cache", ""),
+                                    workdir)
+  if cache:
+    logging.info("Compilation cache: %s", cache, extra=console.FILE_ONLY)
   training = FLAGS.mode in ("train_and_eval", "train")
   try:
     lock = run_lock.lock_job(workdir, FLAGS.force) if training else None

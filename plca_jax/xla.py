@@ -152,6 +152,19 @@ def compiler_options(platform=None):
   return dict(_CPU_OPTIONS) if platform == "cpu" else {}
 
 
+def use_compilation_cache(setting, workdir):
+  """Points JAX's persistent compilation cache at `setting` ("workdir":
+  WORKDIR/compilation_cache; "": none), unless a cache is already set
+  (JAX_COMPILATION_CACHE_DIR). Returns the cache directory in use, or ""."""
+  current = jax.config.jax_compilation_cache_dir
+  if current or not setting:
+    return current or ""
+  path = (os.path.join(str(workdir), "compilation_cache")
+          if setting == "workdir" else setting)
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 

@@ -195,5 +195,31 @@ class PlannedPlatformTest(absltest.TestCase):
     self.assertEqual(self._planned(env), "cpu cpu")
 
 
+class CompilationCacheTest(absltest.TestCase):
+
+  def test_workdir_cache_unless_one_is_set(self):
+    code = textwrap.dedent("""
+        import jax
+        from plca_jax import xla
+        print(xla.use_compilation_cache("", "/w"),
+              jax.config.jax_compilation_cache_dir)
+        print(xla.use_compilation_cache("workdir", "/w"),
+              jax.config.jax_compilation_cache_dir)
+        print(xla.use_compilation_cache("/other", "/w"))
+    """)
+    env = {k: v for k, v in os.environ.items()
+           if k != "JAX_COMPILATION_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], env=env,
+                         capture_output=True, text=True, check=True)
+    self.assertEqual(out.stdout.split("\n")[:3],
+                     [" None", "/w/compilation_cache /w/compilation_cache",
+                      "/w/compilation_cache"])
+    env["JAX_COMPILATION_CACHE_DIR"] = "/set"
+    out = subprocess.run([sys.executable, "-c", code], env=env,
+                         capture_output=True, text=True, check=True)
+    self.assertEqual(out.stdout.split("\n")[:3],
+                     ["/set /set", "/set /set", "/set"])
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -95,11 +95,11 @@ def _prefix_sum(x):
   return jax.lax.associative_scan(jnp.add, x, axis=0)
 
 
-def _lovasz_grad(gt_sorted):
+def _lovasz_grad(gt_sorted, prefix_sum=_prefix_sum):
   """Gradient of the Lovasz extension of the Jaccard loss, (P, M) columns."""
   gts = jnp.sum(gt_sorted, axis=0, keepdims=True)
-  intersection = gts - _prefix_sum(gt_sorted)
-  union = gts + _prefix_sum(1.0 - gt_sorted)
+  intersection = gts - prefix_sum(gt_sorted)
+  union = gts + prefix_sum(1.0 - gt_sorted)
   jaccard = 1.0 - intersection / union
   return jnp.concatenate([jaccard[:1], jaccard[1:] - jaccard[:-1]], axis=0)
 
@@ -213,8 +213,14 @@ def _lovasz_columns(p, classes, y, *, ignore_label, host_sort,
     rows = jax.lax.broadcasted_iota(jnp.int32, key.shape, 0)
     _, fg_sorted, permutation = jax.lax.sort(
         (-key, fg, rows), dimension=0, num_keys=1, is_stable=True)
-    _, weights = jax.lax.sort((permutation, _lovasz_grad(fg_sorted)),
-                              dimension=0, num_keys=1)
+    # The rows are the device's own here (whole columns), so XLA's cumsum
+    # (a reduce-window XLA rewrites into a tree; CUB on GPU) is not the
+    # sharded full-length window `_prefix_sum` avoids, and it compiles
+    # into far fewer TPU kernels than the 19-level associative scan.
+    weights = _lovasz_grad(fg_sorted, functools.partial(jax.lax.cumsum,
+                                                        axis=0))
+    _, weights = jax.lax.sort((permutation, weights), dimension=0,
+                              num_keys=1)
     return jnp.sum(errors * jax.lax.stop_gradient(weights), axis=0), present
   order = descending_order(key, host_sort)
   errors_sorted = jnp.take_along_axis(errors, order, 0)
