@@ -470,7 +470,8 @@ def analyse(lowered, target, dtype, compile_s, profile_dir=None):
           "margin_bytes": chip.memory - mem["peak"],
           "flops": flops, "bytes_accessed": bytes_accessed,
           "roofline": roofline(flops, bytes_accessed, chip, dtype),
-          "cpu_forms": cpu_forms(lowered), **hlo_census(hlo)}
+          "cpu_forms": cpu_forms(lowered),
+          "collective_sources": collective_sources(hlo), **hlo_census(hlo)}
 
 
 def _timer():
@@ -601,6 +602,9 @@ def format_report(name, config, notes, results, search):
         "  collectives: " + (", ".join(
             f"{k} x{v['count']} ({v['bytes'] / 2**20:.1f} MiB)"
             for k, v in r["collectives"].items()) or "none"),
+        *[f"    {kind} from: " + ", ".join(
+            f"{where} x{n}" for where, n in list(sources.items())[:4])
+          for kind, sources in r["collective_sources"].items()],
         f"  host callbacks {r['host_callbacks']}, host transfers "
         f"{r['host_transfers']}, while loops {r['while_loops']}, sorts "
         f"{r['sorts']}, fusions {r['fusions']}, convolutions "

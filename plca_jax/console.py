@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import logging as std_logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -67,7 +68,12 @@ def keep_beside(local, remote, every=UPLOAD_SECONDS):
   def upload():
     try:
       epath.Path(remote).parent.mkdir(parents=True, exist_ok=True)
-      epath.Path(local).copy(epath.Path(remote), overwrite=True)
+      if "://" in str(remote):  # an object store replaces objects whole
+        epath.Path(local).copy(epath.Path(remote), overwrite=True)
+      else:  # a reader never sees a half-written copy
+        partial = f"{remote}.partial"
+        shutil.copyfile(local, partial)
+        os.replace(partial, remote)
     except Exception as error:  # pylint: disable=broad-except
       logging.warning("Could not copy the log to %s: %s", remote, error,
                       extra=FILE_ONLY)

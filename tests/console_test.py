@@ -29,9 +29,14 @@ class ConsoleTest(absltest.TestCase):
       time.sleep(0.02)
     with open(local, "a") as f:
       f.write("second\n")
-    time.sleep(0.3)
-    with open(remote) as f:
-      self.assertEqual(f.read(), "first\nsecond\n")
+    deadline = time.time() + 10  # a loaded machine may delay the copies
+    while True:
+      with open(remote) as f:
+        copied = f.read()
+      if copied == "first\nsecond\n" or time.time() > deadline:
+        break
+      time.sleep(0.05)
+    self.assertEqual(copied, "first\nsecond\n")
     with open(local, "a") as f:
       f.write("third\n")
     stop()  # a last copy
