@@ -465,7 +465,11 @@ def analyse(lowered, target, dtype, compile_s, profile_dir=None):
   chip = target.spec
   seconds = compile_s()
   timings = pass_timings(profile_dir) if profile_dir else None
+  # What the update's tensors need at least: every argument read, every
+  # output written, every temporary buffer written once and read once.
+  tensors = mem["arguments"] + mem["outputs"] + 2 * mem["temporaries"]
   return {"compile_s": seconds, "compile_passes": timings, "memory": mem,
+          "tensor_bytes_estimate": tensors,
           "fits": mem["peak"] <= chip.memory,
           "margin_bytes": chip.memory - mem["peak"],
           "flops": flops, "bytes_accessed": bytes_accessed,
@@ -595,7 +599,9 @@ def format_report(name, config, notes, results, search):
         f"{_gib(m['temporaries'])}, code {_gib(m['code'])}; peak "
         f"{_gib(m['peak'])} of {_gib(chip.memory)}: {fits}",
         f"  cost: {r['flops'] / 1e12:.3f} TFLOP, "
-        f"{r['bytes_accessed'] / GiB:.2f} GiB accessed; roofline "
+        f"{r['bytes_accessed'] / GiB:.2f} GiB accessed (the tensors: "
+        f"{r['tensor_bytes_estimate'] / GiB:.2f} GiB, each buffer written "
+        "and read once); roofline "
         f"{roof['estimate_s'] * 1e3:.1f} ms ({roof['bound']}-bound: "
         f"arithmetic {roof['compute_s'] * 1e3:.1f} ms, memory "
         f"{roof['memory_s'] * 1e3:.1f} ms)",

@@ -183,7 +183,7 @@ def lovasz_softmax(probs, labels, ignore_label=255, host_sort=None):
                         host_sort=host_sort),
       columns=(similarity.at_least_f32(probs.reshape(-1, m)),
                jnp.arange(m, dtype=jnp.int32)[None, :]),
-      shared=(labels.reshape(-1).astype(jnp.int32),), fill=(0.0, -1))
+      shared=(labels.reshape(-1),), fill=(0.0, -1))
   return jnp.sum(per_class * present) / jnp.maximum(jnp.sum(present), 1.0)
 
 
@@ -200,6 +200,7 @@ def _lovasz_columns(p, classes, y, *, ignore_label, host_sort,
   in its gradient). Both are sum_i e_(i) g_i; only the summation order
   differs.
   """
+  y = y.astype(jnp.int32)  # gathered across devices as given (uint8)
   valid = (y != ignore_label)[:, None]
   fg = ((y[:, None] == classes) & valid).astype(p.dtype)  # (P, M')
   errors = jnp.where(valid, jnp.abs(fg - p), 0.0)
