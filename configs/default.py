@@ -324,7 +324,7 @@ def get_config():
   # bfloat16 passes) or "default" (TPU: one bfloat16 pass, GPU: TF32).
   # With bfloat16-rounded inputs the association picks another target
   # pixel for a share of source pixels (benchmarks/association_precision.py,
-  # docs/method.md, "Deviations and choices"). CPUs compute in float32.
+  # docs/method.md, Deviations). CPUs compute in float32.
   config.loss.association_precision = "highest"
 
   # The other methods' blocks, declared by their modules.

@@ -33,7 +33,7 @@ METRICS = ("cos", "kl")
 # products of the association and aggregation. "default" lets the backend
 # choose (TPU: one bfloat16 pass; NVIDIA since Ampere: TF32), "high" (TPU:
 # three bfloat16 passes), "highest" (float32). CPUs compute in float32
-# whatever the setting. docs/method.md, "Deviations and choices", has
+# whatever the setting. docs/method.md, Deviations, has
 # the figures behind the default.
 PRECISIONS = ("default", "high", "highest")
 
