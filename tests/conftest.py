@@ -36,8 +36,8 @@ os.environ["XLA_FLAGS"] = " ".join(
 # xdist's own order (most tests first) methods_test and multiprocess_test
 # landed on one worker, with 1.4x the other's test time.
 _LONG_MODULES = ("methods_test.py", "train_test.py", "losses_test.py",
-                 "multiprocess_test.py", "workdir_test.py", "dacs_test.py",
-                 "multidevice_test.py")
+                 "aot_test.py", "multiprocess_test.py", "workdir_test.py",
+                 "dacs_test.py", "multidevice_test.py")
 
 
 def pytest_collection_modifyitems(items):

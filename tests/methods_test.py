@@ -223,10 +223,11 @@ class AdaptSegNetTest(absltest.TestCase):
 
 class MicroBatchLoopTest(parameterized.TestCase):
 
-  @parameterized.parameters("plca", "adaptsegnet")
+  @parameterized.parameters("adaptsegnet")
   def test_scan_equals_the_python_loop(self, name):
     # The accelerators' lax.scan over micro-batches and the CPU's loop give
-    # one update: parameters, BatchNorm statistics, every tree's, scalars.
+    # one update: parameters, BatchNorm statistics, every tree's (AdaptSegNet
+    # trains three), scalars.
     results = []
     for loop in ("loop", "scan"):
       config = _config(name)
