@@ -138,41 +138,44 @@ class MissingWheelTest(absltest.TestCase):
 
 class CpuProgramTest(absltest.TestCase):
 
-  def test_the_cpu_program_keeps_its_forms(self):
-    config = test_config.get_config()
-    config.loss.lovasz_sort = "auto"
+  @classmethod
+  def setUpClass(cls):
+    # Lowered (not compiled) CPU programs of the test config's update.
+    super().setUpClass()
     mesh = sharding.create_mesh(jax.devices()[:1])
-    config, _ = aot.aot_config(config, 1)
-    forms = aot.cpu_forms(aot.lower(config, mesh, with_eval=False).train)
+    cls.lowered = {}
+    for name, overrides in (
+        ("as_shipped", dict(lovasz_sort="auto")),
+        ("default_precision", dict(association_precision="default")),
+        ("scan", dict(micro_batch_loop="scan"))):
+      config = test_config.get_config()
+      for key, value in overrides.items():
+        block = config.train if key == "micro_batch_loop" else config.loss
+        block[key] = value
+      config, _ = aot.aot_config(config, 1)
+      cls.lowered[name] = aot.lower(config, mesh, with_eval=False).train
+    cls.grad_accum_steps = config.train.grad_accum_steps
+
+  def test_the_cpu_program_keeps_its_forms(self):
+    forms = aot.cpu_forms(self.lowered["as_shipped"])
     self.assertEqual(sorted(forms), ["block_barrier", "dot_weight_grad",
                                      "head_as_dot", "host_sort"])
 
   def test_scan_puts_one_copy_of_the_pass_in_the_program(self):
-    # Two micro-batches: the loop's program holds two copies of the
-    # forward and backward pass, the scan's one (lowered CPU programs).
-    mesh = sharding.create_mesh(jax.devices()[:1])
-    convolutions = {}
-    for loop in ("loop", "scan"):
-      config = test_config.get_config()
-      config.train.micro_batch_loop = loop
-      config, _ = aot.aot_config(config, 1)
-      text = aot.lower(config, mesh, with_eval=False).train.as_text()
-      convolutions[loop] = text.count("stablehlo.convolution")
-    self.assertEqual(config.train.grad_accum_steps, 2)
-    self.assertGreater(convolutions["scan"], 0)
-    self.assertGreater(convolutions["loop"], 1.8 * convolutions["scan"])
+    # Two micro-batches: the loop's program (the CPU's choice) holds two
+    # copies of the forward and backward pass, the scan's one.
+    self.assertEqual(self.grad_accum_steps, 2)
+    loop = self.lowered["as_shipped"].as_text().count("stablehlo.convolution")
+    scan = self.lowered["scan"].as_text().count("stablehlo.convolution")
+    self.assertGreater(scan, 0)
+    self.assertGreater(loop, 1.8 * scan)
 
   def test_association_products_carry_the_configured_precision(self):
-    mesh = sharding.create_mesh(jax.devices()[:1])
-    counts = {}
-    for precision in ("highest", "default"):
-      config = test_config.get_config()
-      config.loss.association_precision = precision
-      config, _ = aot.aot_config(config, 1)
-      text = aot.lower(config, mesh, with_eval=False).train.as_text()
-      counts[precision] = text.count("precision = [HIGHEST, HIGHEST]")
     # (jax.image.resize's products are HIGHEST in both.)
-    self.assertGreater(counts["highest"], counts["default"] + 10)
+    counts = {name: self.lowered[name].as_text().count(
+        "precision = [HIGHEST, HIGHEST]")
+              for name in ("as_shipped", "default_precision")}
+    self.assertGreater(counts["as_shipped"], counts["default_precision"] + 10)
 
 
 class AnalysisTest(absltest.TestCase):
