@@ -72,9 +72,7 @@ GiB = aot_targets.GiB
 
 
 def target_devices(target):
-  """The devices of `target` (a Target or its name), without hardware."""
-  if isinstance(target, str):
-    target = get_target(target)
+  """The devices of `target` (a Target), without hardware."""
   module, wheels = _NEEDS[target.platform]
   if importlib.util.find_spec(module) is None:
     raise RuntimeError(
@@ -141,8 +139,6 @@ def aot_config(config, device_count):
 @dataclasses.dataclass
 class Programs:
   """The lowered update (and evaluation step) of a config on a mesh."""
-  config: object
-  mesh: object
   train: object  # jax.stages.Lowered
   eval: object = None
 
@@ -176,7 +172,7 @@ def lower(config, mesh, with_eval=True):
                                           sharding=batched)}
     eval_step = evaluate.create_eval_step(config, method.eval_model(), mesh)
     eval_lowered = eval_step.lower(variables, batch)
-  return Programs(config, mesh, lowered, eval_lowered)
+  return Programs(lowered, eval_lowered)
 
 
 # Analysis of a compiled program.
@@ -191,6 +187,14 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
 _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def collective_kind(opcode):
+  """The collective an HLO opcode completes ("all-gather" for all-gather
+  and all-gather-done), or None (not a collective, or an async start)."""
+  kind = opcode.removesuffix("-done")
+  return kind if kind in COLLECTIVES and not opcode.endswith("-start") else (
+      None)
 
 
 def shape_bytes(text):
@@ -223,10 +227,10 @@ def hlo_census(hlo_text):
     if not match:
       continue
     shape, opcode, rest = match.groups()
-    base_op = opcode.removesuffix("-done")
-    if base_op in COLLECTIVES and not opcode.endswith("-start"):
-      collectives[base_op][0] += 1
-      collectives[base_op][1] += shape_bytes(shape)
+    kind = collective_kind(opcode)
+    if kind:
+      collectives[kind][0] += 1
+      collectives[kind][1] += shape_bytes(shape)
     elif opcode == "custom-call":
       target = _TARGET.search(rest)
       name = target.group(1) if target else "?"
@@ -292,9 +296,8 @@ def collective_sources(hlo_text, package="plca_jax"):
     match = _INSTRUCTION.match(line)
     if not match:
       continue
-    opcode = match.group(2)
-    kind = opcode.removesuffix("-done")
-    if kind not in COLLECTIVES or opcode.endswith("-start"):
+    kind = collective_kind(match.group(2))
+    if not kind:
       continue
     frame_id = re.search(r"stack_frame_id=(\d+)", line)
     where, seen = "?", set()
@@ -393,10 +396,6 @@ def memory(compiled):
   return out
 
 
-def _optimized_hlo(compiled):
-  return compiled.as_text()
-
-
 def cost(compiled, platform, hlo_text):
   """(FLOPs, bytes accessed) per device of one run of the program."""
   analysis = compiled.cost_analysis()
@@ -459,7 +458,7 @@ def analyse(lowered, target, dtype, compile_s, profile_dir=None):
     options = {"xla_dump_to": profile_dir, "xla_dump_module_metadata": True,
                "xla_dump_hlo_as_text": False}
   compiled = lowered.compile(compiler_options=options)
-  hlo = _optimized_hlo(compiled)
+  hlo = compiled.as_text()
   flops, bytes_accessed = cost(compiled, target.platform, hlo)
   mem = memory(compiled)
   chip = target.spec

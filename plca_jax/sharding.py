@@ -9,12 +9,12 @@ that holds the pair.
 """
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 
 from plca_jax import xla
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -48,6 +48,12 @@ def to_global(tree, mesh, batch_axis=0):
       lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
 
 
+def _several_devices():
+  """The mesh of the program being traced if it has several devices."""
+  mesh = xla.target_mesh()
+  return mesh if mesh is not None and mesh.size > 1 else None
+
+
 def by_class_column(fn, columns, shared=(), fill=None):
   """`fn(*columns, *shared)` for a function of independent columns, e.g.
   the Lovasz loss's per-class sort of the errors over the whole batch's
@@ -70,8 +76,8 @@ def by_class_column(fn, columns, shared=(), fill=None):
   Returns:
     fn's (M,) results.
   """
-  mesh = xla.target_mesh()
-  if mesh is None or mesh.size == 1:
+  mesh = _several_devices()
+  if mesh is None:
     return fn(*columns, *shared)
   m = columns[0].shape[1]
   pad = -m % mesh.size
@@ -93,8 +99,8 @@ def constrain(x, *spec):
   Losses use it to keep whole images on their device where XLA's sharding
   propagation would otherwise repartition an array across them.
   """
-  mesh = xla.target_mesh()
-  if mesh is None or mesh.size == 1 or any(
+  mesh = _several_devices()
+  if mesh is None or any(
       name is not None and x.shape[i] % mesh.size
       for i, name in enumerate(spec)):
     return x

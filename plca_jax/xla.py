@@ -23,10 +23,9 @@ TPU or GPU would run.
 
 import contextlib
 import contextvars
-import glob
-
 import ctypes
 import ctypes.util
+import glob
 import importlib.util
 import os
 import sys
