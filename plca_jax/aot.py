@@ -211,26 +211,154 @@ def _shapes(text):
           for dtype, dims in _SHAPE.findall(text)]
 
 
+_HEADER = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{\s*$")
+# An attribute naming instructions or computations: calls=, to_apply=,
+# body=, condition=, select=, scatter=, branch_computations={...}, ...
+_CALLED = re.compile(r"\b([a-z_]+)=(\{[^{}]*\}|%[\w.\-]+)")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def computations(hlo_text):
+  """{name: (first line, last line, is entry)} of a module's text; the
+  callees come before their callers, the entry last."""
+  out, lines, start = {}, hlo_text.splitlines(), None
+  for i, line in enumerate(lines):
+    header = _HEADER.match(line)
+    if header and start is None:
+      start, name, entry = i, header.group(2), bool(header.group(1))
+    elif line == "}" and start is not None:
+      out[name] = (start, i, entry)
+      start = None
+  return out
+
+
+def _trip_count(attributes, condition_text):
+  """Iterations of a while loop: its known_trip_count, else the bound of
+  a jax loop's condition (`i < N` for one s32 constant N), else None."""
+  known = _TRIP.search(attributes)
+  if known:
+    return int(known.group(1))
+  bounds = re.findall(r"s32\[\]\S* constant\((\d+)\)", condition_text)
+  if len(bounds) == 1 and "direction=LT" in condition_text:
+    return int(bounds[0])
+  return None
+
+
+def call_graph(hlo_text):
+  """(computations, {caller: [(callee, runs per call of the caller)]}):
+  a while loop's body runs its trip count times (1 if unknown), every
+  other called computation once."""
+  comps = computations(hlo_text)
+  lines = hlo_text.splitlines()
+  edges = collections.defaultdict(list)
+  for name, (first, last, _) in comps.items():
+    for line in lines[first + 1:last]:
+      called = dict(_CALLED.findall(line))
+      if not called:
+        continue
+      trips = 1
+      if "body" in called and "condition" in called:
+        cond = comps.get(called["condition"].lstrip("%"))
+        cond_text = "\n".join(lines[cond[0]:cond[1]]) if cond else ""
+        trips = _trip_count(line, cond_text) or 1
+      for key, value in called.items():
+        for callee in re.findall(r"%([\w.\-]+)", value):
+          if callee in comps:
+            edges[name].append((callee, trips if key == "body" else 1))
+  return comps, edges
+
+
+def multiplicity(hlo_text):
+  """{computation: runs per run of the module} (loop bodies times their
+  trip counts, nested loops multiplied)."""
+  comps, edges = call_graph(hlo_text)
+  runs = collections.Counter(
+      {name: 1 for name, (_, _, entry) in comps.items() if entry})
+  for name in reversed(list(comps)):  # callers before callees
+    for callee, trips in edges.get(name, ()):
+      runs[callee] += runs[name] * trips
+  return runs
+
+
+def _per_line_runs(hlo_text):
+  """Runs per module run of each line's computation (1 outside any)."""
+  runs, comps = multiplicity(hlo_text), computations(hlo_text)
+  out = [1] * len(hlo_text.splitlines())
+  for name, (first, last, _) in comps.items():
+    out[first:last + 1] = [runs.get(name, 1)] * (last - first + 1)
+  return out
+
+
+def loop_extra_cost(hlo_text, analyse):
+  """(FLOPs, bytes) that a cost analysis counting each loop body once
+  (XLA's) leaves out: every further iteration of every loop, nested
+  loops included. `analyse(module_text)` costs a module (its entry
+  computation once); each loop body is costed as a module of its own."""
+  comps, edges = call_graph(hlo_text)
+  lines = hlo_text.splitlines()
+  bodies = {}
+
+  def body_text(name):
+    keep, stack = set(), [name]
+    while stack:  # the body and what it calls
+      node = stack.pop()
+      if node not in keep:
+        keep.add(node)
+        stack += [callee for callee, _ in edges.get(node, ())]
+    out = ["HloModule loop_body"]
+    for comp in comps:  # in the module's order: callees first
+      if comp in keep:
+        first, last, entry = comps[comp]
+        header = lines[first].removeprefix("ENTRY ")
+        out += ["ENTRY " + header if comp == name else header,
+                *lines[first + 1:last + 1]]
+    # Without the module's stack-frame table, frame references dangle.
+    return re.sub(r",? ?stack_frame_id=\d+", "", "\n".join(out))
+
+  def analysed(name):
+    if name not in bodies:
+      bodies[name] = np.array(analyse(body_text(name)), dtype=np.float64)
+    return bodies[name]
+
+  def extra(name):
+    total = np.zeros(2)
+    for callee, trips in edges.get(name, ()):
+      if trips > 1:  # a loop body counted once of `trips` runs
+        full = analysed(callee) + extra(callee)
+        total += trips * full - analysed(callee)
+      elif trips == 1:
+        total += extra(callee)
+    return total
+
+  entry = next((n for n, (_, _, e) in comps.items() if e), None)
+  if entry is None:
+    return 0.0, 0.0
+  flops, bytes_ = extra(entry)
+  return float(flops), float(bytes_)
+
+
 def hlo_census(hlo_text):
   """Counts in an optimized HLO module's text.
 
-  Collectives count once per operation (an async start/done pair is one),
-  with the bytes of their results; host callbacks are custom calls to
-  Python callbacks; host transfers are send/recv to the host, infeed and
-  outfeed.
+  Collectives count per run of the module (an async start/done pair is
+  one; inside a loop, once per iteration), with the bytes of their
+  results; the other counts are of operations in the program text. Host
+  callbacks are custom calls to Python callbacks; host transfers are
+  send/recv to the host, infeed and outfeed.
   """
   collectives = collections.defaultdict(lambda: [0, 0])
   custom_calls = collections.Counter()
   counts = collections.Counter()
-  for line in hlo_text.splitlines():
+  runs = _per_line_runs(hlo_text)
+  for line, run in zip(hlo_text.splitlines(), runs):
     match = _INSTRUCTION.match(line)
     if not match:
       continue
     shape, opcode, rest = match.groups()
     kind = collective_kind(opcode)
     if kind:
-      collectives[kind][0] += 1
-      collectives[kind][1] += shape_bytes(shape)
+      collectives[kind][0] += run
+      collectives[kind][1] += run * shape_bytes(shape)
     elif opcode == "custom-call":
       target = _TARGET.search(rest)
       name = target.group(1) if target else "?"
@@ -325,7 +453,7 @@ def gpu_library_flops(hlo_text):
 
   A convolution's forward, input-gradient and weight-gradient calls each
   cost 2 |y| |W| / C_out (y the forward output, W the kernel); a product
-  2 |out| K.
+  2 |out| K. Calls inside loops count once per iteration.
   """
   flops = 0
   # Operands are printed by name in the optimized module: their shapes
@@ -336,7 +464,7 @@ def gpu_library_flops(hlo_text):
     match = _INSTRUCTION.match(line)
     if name and match:
       defined[name.group(1)] = match.group(1)
-  for line in hlo_text.splitlines():
+  for line, run in zip(hlo_text.splitlines(), _per_line_runs(hlo_text)):
     match = _INSTRUCTION.match(line)
     if not match or match.group(2) != "custom-call":
       continue
@@ -361,7 +489,7 @@ def gpu_library_flops(hlo_text):
       else:
         kernel, y = operands[1][1], results[0][1]
       c_out = kernel[labels.group(2).index("o")]
-      flops += 2 * math.prod(y) * math.prod(kernel) // max(c_out, 1)
+      flops += run * 2 * math.prod(y) * math.prod(kernel) // max(c_out, 1)
     elif target.startswith("__cublas"):
       dims = re.search(r'"lhs_contracting_dimensions":\["?([\d",]*)\]', rest)
       if not dims or not operands:
@@ -369,7 +497,7 @@ def gpu_library_flops(hlo_text):
       lhs = operands[0][1]
       k = math.prod(lhs[int(d)] for d in dims.group(1).replace('"', "")
                     .split(",") if d)
-      flops += 2 * math.prod(results[0][1]) * k
+      flops += run * 2 * math.prod(results[0][1]) * k
   return flops
 
 
@@ -396,23 +524,40 @@ def memory(compiled):
   return out
 
 
+def _host_cost(module):
+  """(FLOPs, bytes accessed) of an HLO module (object or text) by XLA's
+  cost analysis on the host backend."""
+  # pylint: disable=g-import-not-at-top
+  from jax._src.lib import _jax
+  from jaxlib import _hlo
+  # pylint: enable=g-import-not-at-top
+  if isinstance(module, str):
+    module = _hlo.hlo_module_from_text(module)
+  host = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+  return float(host.get("flops", 0)), float(host.get("bytes accessed", 0))
+
+
 def cost(compiled, platform, hlo_text):
-  """(FLOPs, bytes accessed) per device of one run of the program."""
+  """(FLOPs, bytes accessed) per device of one run of the program.
+
+  The platform's cost analysis where it has one (TPU), else XLA's on the
+  host backend plus the library calls it cannot see (GPU). Either counts
+  a loop body once: the further iterations (micro-batches, chunked
+  association rows) are added from the host analysis of each body.
+  """
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
   if analysis:
-    return float(analysis.get("flops", 0)), float(
+    flops, bytes_accessed = float(analysis.get("flops", 0)), float(
         analysis.get("bytes accessed", 0))
-  # GPU: XLA's analysis of the optimized module on the host backend,
-  # plus the library calls it cannot see.
-  from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
-  module = compiled.runtime_executable().hlo_modules()[0]
-  host = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
-  flops = float(host.get("flops", 0))
-  if platform == "gpu":
-    flops += gpu_library_flops(hlo_text)
-  return flops, float(host.get("bytes accessed", 0))
+  else:
+    flops, bytes_accessed = _host_cost(
+        compiled.runtime_executable().hlo_modules()[0])
+    if platform == "gpu":
+      flops += gpu_library_flops(hlo_text)
+  extra_flops, extra_bytes = loop_extra_cost(hlo_text, _host_cost)
+  return flops + extra_flops, bytes_accessed + extra_bytes
 
 
 def roofline(flops, bytes_accessed, chip, dtype):
@@ -458,11 +603,11 @@ def analyse(lowered, target, dtype, compile_s, profile_dir=None):
     options = {"xla_dump_to": profile_dir, "xla_dump_module_metadata": True,
                "xla_dump_hlo_as_text": False}
   compiled = lowered.compile(compiler_options=options)
+  seconds = compile_s()
   hlo = compiled.as_text()
   flops, bytes_accessed = cost(compiled, target.platform, hlo)
   mem = memory(compiled)
   chip = target.spec
-  seconds = compile_s()
   timings = pass_timings(profile_dir) if profile_dir else None
   # What the update's tensors need at least: every argument read, every
   # output written, every temporary buffer written once and read once.
@@ -604,7 +749,7 @@ def format_report(name, config, notes, results, search):
         f"{roof['estimate_s'] * 1e3:.1f} ms ({roof['bound']}-bound: "
         f"arithmetic {roof['compute_s'] * 1e3:.1f} ms, memory "
         f"{roof['memory_s'] * 1e3:.1f} ms)",
-        "  collectives: " + (", ".join(
+        "  collectives per update: " + (", ".join(
             f"{k} x{v['count']} ({v['bytes'] / 2**20:.1f} MiB)"
             for k, v in r["collectives"].items()) or "none"),
         *[f"    {kind} from: " + ", ".join(

@@ -54,6 +54,11 @@ def _several_devices():
   return mesh if mesh is not None and mesh.size > 1 else None
 
 
+def _rows_split(x, devices):
+  """Whether x's rows split evenly over the devices."""
+  return x.shape[0] >= devices and x.shape[0] % devices == 0
+
+
 def by_class_column(fn, columns, shared=(), fill=None):
   """`fn(*columns, *shared)` for a function of independent columns, e.g.
   the Lovasz loss's per-class sort of the errors over the whole batch's
@@ -68,10 +73,14 @@ def by_class_column(fn, columns, shared=(), fill=None):
 
   Under a multi-device `xla.building_for` mesh, each device gets whole
   columns (padded with `fill` columns to a multiple of the devices) and
-  all of `shared`: the pixel-sharded arrays move once (all-to-all,
-  all-gather) and the sort and prefix sums run on one device per column.
-  Left to XLA, they are partitioned along the pixels: a distributed sort,
-  gathers and scans across devices (chains of collective-permutes).
+  all of `shared`, moved explicitly: an array whose rows split over the
+  devices (the batch's pixels) goes from rows to columns by one
+  all-to-all (its gradient by another), one of fewer rows is sliced
+  locally, and `shared` arrays are all-gathered once. The sort and prefix
+  sums then run on one device per column. Left to XLA, they are
+  partitioned along the pixels (a distributed sort, gathers and scans
+  across devices), and a resharding left to XLA's partitioner can gather
+  a whole column per consumer.
 
   Returns:
     fn's (M,) results.
@@ -79,14 +88,31 @@ def by_class_column(fn, columns, shared=(), fill=None):
   mesh = _several_devices()
   if mesh is None:
     return fn(*columns, *shared)
+  d = mesh.size
   m = columns[0].shape[1]
-  pad = -m % mesh.size
+  pad = -m % d
   fill = fill or (0,) * len(columns)
   columns = [jnp.pad(c, ((0, 0), (0, pad)), constant_values=v)
              for c, v in zip(columns, fill)]
+  col_split = [_rows_split(c, d) for c in columns]
+  shared_split = [_rows_split(s, d) for s in shared]
+
+  def local(*args):
+    cols, rest = args[:len(columns)], args[len(columns):]
+    width = (m + pad) // d
+    index = jax.lax.axis_index(DATA_AXIS)
+    cols = [jax.lax.all_to_all(c, DATA_AXIS, split_axis=1, concat_axis=0,
+                               tiled=True) if by_rows else
+            jax.lax.dynamic_slice_in_dim(c, index * width, width, axis=1)
+            for c, by_rows in zip(cols, col_split)]
+    rest = [jax.lax.all_gather(s, DATA_AXIS, axis=0, tiled=True)
+            if by_rows else s for s, by_rows in zip(rest, shared_split)]
+    return fn(*cols, *rest)
+
   out = jax.shard_map(
-      fn, mesh=mesh,
-      in_specs=(P(None, DATA_AXIS),) * len(columns) + (P(),) * len(shared),
+      local, mesh=mesh,
+      in_specs=tuple(P(DATA_AXIS) if by_rows else P()
+                     for by_rows in col_split + shared_split),
       out_specs=P(DATA_AXIS))(*columns, *shared)
   return jax.tree.map(lambda x: x[:m], out)
 
