@@ -332,6 +332,45 @@ class MaxPoolTest(parameterized.TestCase):
 
 
 
+class ScanBlocksTest(parameterized.TestCase):
+  """scan_blocks (the accelerators' default) changes the program, not the
+  results, the variables or their layout."""
+
+  @parameterized.parameters("none", "block_keep_3x3")
+  def test_scanned_blocks_equal_unrolled(self, remat):
+    with jax.enable_x64(True):
+      self._check_equal(remat)
+
+  def _check_equal(self, remat):
+    kwargs = dict(num_classes=3, depth=50, width=4, remat=remat,
+                  dtype=jnp.float64)
+    unrolled = models.DeepLabV2(scan_blocks=False, **kwargs)
+    scanned = models.DeepLabV2(scan_blocks=True, **kwargs)
+    x = jax.random.normal(jax.random.key(1), (2, 17, 21, 3), jnp.float64)
+    variables = unrolled.init(jax.random.key(0), x)
+    self.assertEqual(jax.tree.structure(variables),
+                     jax.tree.structure(scanned.init(jax.random.key(0), x)))
+    (v0, stats0), g0 = _train_loss_and_grads(unrolled, variables, x)
+    (v1, stats1), g1 = _train_loss_and_grads(scanned, variables, x)
+    np.testing.assert_allclose(v1, v0, rtol=1e-12)
+    self.assertEqual(jax.tree.structure((g1, stats1)),
+                     jax.tree.structure((g0, stats0)))
+    for a, b in zip(jax.tree.leaves((g1, stats1)),
+                    jax.tree.leaves((g0, stats0))):
+      np.testing.assert_allclose(a, b, rtol=1e-9,
+                                 atol=1e-9 * np.abs(b).max())
+    # Every block after the first of a layer moved its statistics.
+    moved = stats1["backbone"]["layer3_5"]["bn2"]["mean"]
+    self.assertFalse(np.allclose(
+        moved, variables["batch_stats"]["backbone"]["layer3_5"]["bn2"]
+        ["mean"]))
+    np.testing.assert_array_equal(scanned.apply(variables, x)["logits"],
+                                  unrolled.apply(variables, x)["logits"])
+    # One loop per layer in the forward pass (three to four blocks each).
+    text = jax.jit(lambda v: scanned.apply(v, x)).lower(variables).as_text()
+    self.assertEqual(text.count("stablehlo.while"), 4)
+
+
 class RematTest(parameterized.TestCase):
   """config.model.remat changes memory, not results."""
 

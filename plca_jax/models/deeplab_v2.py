@@ -144,6 +144,7 @@ class DeepLabV2(nn.Module):
   # is a CPU one (plca_jax.xla.on_cpu at trace time).
   head_as_dot: Optional[bool] = None
   dot_weight_grads: Optional[bool] = None
+  scan_blocks: Optional[bool] = None  # see resnet.ResNet
   # Training-mode BatchNorm over G interleaved groups of the batch, each
   # with its own statistics (resnet.ResNet, norm.BatchNorm.groups).
   bn_groups: int = 1
@@ -156,7 +157,8 @@ class DeepLabV2(nn.Module):
                                   return_layer3=self.aux_head,
                                   stride_on=self.stride_on,
                                   bn_groups=self.bn_groups,
-                                  dot_weight_grads=self.dot_weight_grads)
+                                  dot_weight_grads=self.dot_weight_grads,
+                                  scan_blocks=self.scan_blocks)
     self.classifier = ASPPHead(self.num_classes, self.aspp_rates,
                                dtype=self.dtype, initializer=self.head_init,
                                as_dot=as_dot)

@@ -185,6 +185,17 @@ class ResNet(nn.Module):
     bn_groups: training-mode BatchNorm normalises G interleaved groups of
       the batch (row n in group n % G) each with its own statistics, so G
       domains can share one pass (`methods.base.forward_pair`).
+    scan_blocks: apply the identical blocks after the first of each layer
+      (layer3's 22 in ResNet-101) as one `lax.scan` over their stacked
+      variables. The variables stay one subtree per block (`layer3_5`,
+      ...), stacked and unstacked inside the program, so checkpoints and
+      converted weights do not change. The compiler then generates one
+      block's kernels per layer instead of one per block: the TPU compile
+      of the update shrinks with the code (`python -m plca_jax.aot`,
+      docs/performance.md). None (default): in GPU and TPU programs; CPU
+      programs keep the unrolled blocks (their barriers and forms are
+      per block). Initialisation always runs the unrolled blocks, so the
+      initial values do not depend on it.
   """
   depth: int = 101
   width: int = 64
@@ -200,6 +211,7 @@ class ResNet(nn.Module):
   stride_on: str = "1x1"
   bn_groups: int = 1  # see norm.BatchNorm.groups
   dot_weight_grads: Optional[bool] = None  # None: on a CPU program (xla)
+  scan_blocks: Optional[bool] = None  # None: not on a CPU program (xla)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -217,13 +229,14 @@ class ResNet(nn.Module):
     barrier = cpu if self.block_barrier is None else self.block_barrier
     dot_grads = cpu if self.dot_weight_grads is None else (
         self.dot_weight_grads)
+    scan = (not cpu) if self.scan_blocks is None else self.scan_blocks
+    scan = scan and not self.is_initializing()
     extra = {"stride_on": self.stride_on} if block_cls is Bottleneck else {}
-    if self.remat == "block":
-      block_cls = nn.remat(block_cls)
-    elif self.remat == "block_keep_3x3":
-      block_cls = nn.remat(
-          block_cls,
-          policy=jax.checkpoint_policies.save_only_these_names(KEEP_NAME))
+    plain_cls, policy = block_cls, None
+    if self.remat == "block_keep_3x3":
+      policy = jax.checkpoint_policies.save_only_these_names(KEEP_NAME)
+    if self.remat != "none":
+      block_cls = nn.remat(block_cls, policy=policy)
     norm = functools.partial(
         norm_lib.BatchNorm, use_running_average=not train,
         momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
@@ -247,14 +260,19 @@ class ResNet(nn.Module):
       out_channels = planes * block_cls.expansion
       for b in range(num_blocks):
         first = b == 0
-        x = block_cls(
+        fields = dict(
             planes=planes,
             stride=stride if first else 1,
             dilation=dilation,
             downsample=first and (stride != 1 or in_channels != out_channels),
             norm=norm, dtype=self.dtype,
-            dot_weight_grad=dot_grads, **extra,
-            name=f"layer{i + 1}_{b}")(x)
+            dot_weight_grad=dot_grads, **extra)
+        if b == 1 and scan and num_blocks > 2:
+          names = [f"layer{i + 1}_{k}" for k in range(1, num_blocks)]
+          x = self._scan(plain_cls(**fields, parent=None), names, x,
+                         self.remat != "none", policy, barrier)
+          break
+        x = block_cls(**fields, name=f"layer{i + 1}_{b}")(x)
         if barrier:
           with xla.cpu_form("block_barrier"):
             x = jax.lax.optimization_barrier(x)
@@ -262,3 +280,35 @@ class ResNet(nn.Module):
       if i == 2:
         layer3 = x
     return (layer3, x) if self.return_layer3 else x
+
+  def _scan(self, block, names, x, remat, policy, barrier):
+    """Applies the blocks `names` (children of this module, all of the
+    form `block`, an unbound module) to x in turn, as one `lax.scan` over
+    their variables stacked along a new leading axis; writes back the
+    mutable collections (BatchNorm's running statistics) block by block."""
+    variables = self.variables
+    cols = [c for c in variables if names[0] in variables[c]]
+    stacked = {c: jax.tree.map(lambda *a: jnp.stack(a),
+                               *[variables[c][n] for n in names])
+               for c in cols}
+    mutable = [c for c in cols
+               if c != "params" and self.is_mutable_collection(c)]
+
+    def body(y, block_vars):
+      if mutable:
+        y, updated = block.apply(block_vars, y, mutable=mutable)
+      else:
+        y, updated = block.apply(block_vars, y), {}
+      if barrier:
+        with xla.cpu_form("block_barrier"):
+          y = jax.lax.optimization_barrier(y)
+      return y, updated
+
+    if remat:
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    x, updated = jax.lax.scan(body, x, stacked)
+    for c in mutable:
+      for k, name in enumerate(names):
+        self.put_variable(c, name,
+                          jax.tree.map(lambda a, k=k: a[k], updated[c]))
+    return x
