@@ -1,0 +1,141 @@
+"""The paper configs on every AOT target, as one table.
+
+    python benchmarks/aot_table.py --workdir=/tmp/aot_table \\
+        --configs=synthia,gta5 --targets=all [--search_batch] --markdown
+
+Runs `python -m plca_jax.aot` once per (config, target) in a process of its
+own and keeps each report as WORKDIR/CONFIG/aot_TARGET.json, stamped with
+the commit and machine it was compiled on. A report already there is
+reused, so an interrupted table resumes where it stopped (a TPU compile of
+the paper setting takes minutes to tens of minutes on a small host); pass
+`--redo` to compile again. Prints one row per report: fits or not, peak
+per device, the largest micro-batch per device (with `--search_batch`,
+three more compiles per row), the roofline per update and the images per
+domain per second per device it allows, and the compile time.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import report
+
+sys.path.insert(0, report.REPO)
+from plca_jax import aot_targets  # pylint: disable=g-import-not-at-top
+
+GiB = aot_targets.GiB
+
+
+def run_one(config, target, workdir, search_batch, timeout):
+  """Compiles `config` for `target` into WORKDIR/CONFIG/aot_TARGET.json;
+  returns the report's path, or None when the compile failed."""
+  out_dir = os.path.join(workdir, config)
+  path = os.path.join(out_dir, f"aot_{target}.json")
+  command = [sys.executable, "-m", "plca_jax.aot",
+             f"--config=configs/{config}.py", f"--target={target}",
+             f"--workdir={out_dir}", "--noeval",
+             "--search_batch" if search_batch else "--nosearch_batch"]
+  print(f"[aot_table] {config} on {target}: {' '.join(command[1:])}",
+        flush=True)
+  try:
+    proc = subprocess.run(command, cwd=report.REPO, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+  except subprocess.TimeoutExpired:
+    print(f"[aot_table] {config} on {target}: over {timeout} s, skipped",
+          flush=True)
+    return None
+  if proc.returncode != 0 or not os.path.exists(path):
+    tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+    print(f"[aot_table] {config} on {target}: exit {proc.returncode}\n{tail}",
+          flush=True)
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  record["provenance"] = {"commit": report.commit(),
+                          "machine": report.machine()}
+  with open(path, "w") as f:
+    json.dump(record, f, indent=1)
+  print(proc.stdout.strip(), flush=True)
+  return path
+
+
+def row(config, record):
+  """A Markdown table row of one report."""
+  train = record["programs"]["train"]
+  cfg = record["config"]["train"]
+  chips, memory = record["chips"], record["chip"]["memory"]
+  k, b = cfg["grad_accum_steps"], cfg["batch_size"]
+  loop = cfg.get("micro_batch_loop", "")
+  update = f"{k} x {b} ({b // chips} per device{', scanned' if k > 1 and loop != 'loop' else ''})"
+  peak = train["memory"]["peak"]
+  margin = train["margin_bytes"] / GiB
+  fits = (f"yes, {margin:.2f} GiB to spare" if train["fits"] else
+          f"no, {-margin:.2f} GiB over")
+  search = record.get("largest_micro_batch")
+  largest = str(search["images_per_device"]) if search else "not searched"
+  roof = train["roofline"]
+  images = k * b
+  rate = images / chips / max(roof["estimate_s"], 1e-12)
+  where = record.get("provenance", {})
+  return (f"| {config}.py | {record['target']} | {update} | "
+          f"{peak / GiB:.2f} of {memory / GiB:.0f} | {fits} | {largest} | "
+          f"{train['flops'] / 1e12:.2f} | {train['bytes_accessed'] / GiB:.1f} "
+          f"| {roof['estimate_s'] * 1e3:.1f} ms ({roof['bound']}) | "
+          f"{rate:.2f} | {train['compile_s']:.0f} s | "
+          f"{where.get('commit', '?')} |")
+
+
+HEADER = ("| config | target | update (micro-batches x images per domain) "
+          "| peak GiB per device | fits | largest micro-batch per device | "
+          "TFLOP per device | GiB accessed per device | roofline per update "
+          "| images per domain per s per device | compile | commit |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+          "| --- |")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--configs", default="synthia,gta5")
+  parser.add_argument("--targets", default="all",
+                      help="comma-separated names, or all (every target "
+                      "but tpu-v5e-4, the test slice)")
+  parser.add_argument("--search_batch", action="store_true",
+                      help="also find the largest micro-batch per device")
+  parser.add_argument("--redo", action="store_true")
+  parser.add_argument("--timeout", type=int, default=3600,
+                      help="seconds per (config, target)")
+  report.add_flag(parser)
+  args = parser.parse_args()
+  targets = ([t for t in aot_targets.TARGETS if t != "tpu-v5e-4"]
+             if args.targets == "all" else args.targets.split(","))
+  for name in targets:
+    if name not in aot_targets.TARGETS:
+      parser.error(f"--targets: {name!r} is not one of "
+                   f"{', '.join(aot_targets.TARGETS)}")
+  rows = []
+  for config in args.configs.split(","):
+    if not os.path.exists(os.path.join(report.REPO, "configs",
+                                       f"{config}.py")):
+      parser.error(f"--configs: configs/{config}.py does not exist")
+    for target in targets:
+      path = os.path.join(args.workdir, config, f"aot_{target}.json")
+      if args.redo or not os.path.exists(path):
+        path = run_one(config, target, args.workdir, args.search_batch,
+                       args.timeout)
+      if path:
+        with open(path) as f:
+          rows.append(row(config, json.load(f)))
+  table = "\n".join([HEADER, *rows])
+  print(table)
+  if args.markdown:
+    print()
+    print(report.provenance())
+    print()
+    print(table)
+
+
+if __name__ == "__main__":
+  main()
