@@ -172,6 +172,13 @@ def get_config():
   # the release's ImageNet initialisation) or "3x3" (torchvision's ResNets).
   # Must match the weights of `init_from` (checked before training).
   config.model.stride_on = "1x1"
+  # The residual blocks after the first of each layer: "scan" (one lax.scan
+  # over their stacked variables: the compiler generates one block's
+  # kernels per layer), "unroll" (one copy per block), or "auto": scan in
+  # TPU programs (a shorter compile), unroll in GPU and CPU ones
+  # (docs/performance.md). The results and the variables are the same
+  # either way.
+  config.model.scan_blocks = "auto"
   # The head's initialisation (models.deeplab_v2.HEAD_INITS): the PLCA
   # release leaves its ASPP convs at PyTorch's default ("torch_default");
   # AdaptSegNet and FDA draw them from N(0, 0.01) ("normal_0.01").

@@ -135,6 +135,11 @@ def select_platform():
   return platform
 
 
+# XLA:GPU's Triton GEMM emitter finds no tiling for some of the bilinear
+# resize's products (f32[55480,730] for 19 classes at 730x730: "Couldn't
+# find output tile sizes"), so the products go to cuBLAS.
+_GPU_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
 CPU_FORM_PREFIX = "cpu_form_"
 
 
@@ -148,7 +153,7 @@ def compiler_options(platform=None):
   """Options for `jax.jit(..., compiler_options=...)` of a program for
   `platform` (default: `target_platform()`)."""
   platform = target_platform() if platform is None else platform
-  return dict(_CPU_OPTIONS) if platform == "cpu" else {}
+  return dict({"cpu": _CPU_OPTIONS, "gpu": _GPU_OPTIONS}.get(platform, {}))
 
 
 def use_compilation_cache(setting, workdir):

@@ -125,6 +125,44 @@ class GpuProgramTest(absltest.TestCase):
     self.assertGreater(train["flops"], 0)
 
 
+_RESIZE_ON_GPU = """
+import os, sys
+os.environ["JAX_PLATFORMS"] = "cpu"
+from plca_jax import aot
+sys.path.insert(0, aot.AOT_WHEELS)
+import jax, jax.numpy as jnp
+from plca_jax import xla
+from plca_jax.losses import segmentation
+device = aot.target_devices(aot.get_target("gpu-h100-80gb"))[0]
+x = jax.ShapeDtypeStruct((4, 92, 92, 19), jnp.float32,
+                         sharding=jax.sharding.SingleDeviceSharding(device))
+grad = jax.grad(lambda x: jnp.sum(
+    segmentation.upsample_bilinear(x, (730, 730)) ** 2))
+for options in ({}, xla.compiler_options("gpu")):
+  try:
+    jax.jit(grad, compiler_options=options).lower(x).compile()
+    print("compiled", flush=True)
+  except Exception as e:  # pylint: disable=broad-except
+    print("failed:", str(e).splitlines()[0][:200], flush=True)
+"""
+
+
+class GpuCompilerOptionsTest(absltest.TestCase):
+
+  def test_the_gpu_options_compile_the_paper_resize(self):
+    # configs/gta5.py's upsampling of 19 class maps to 730x730: XLA:GPU's
+    # Triton GEMM emitter finds no tiling for its products; with the GPU
+    # programs' options (cuBLAS) it compiles.
+    proc = subprocess.run([sys.executable, "-c", _RESIZE_ON_GPU], cwd=REPO,
+                          env=_aot_env(), capture_output=True, text=True,
+                          check=False)
+    lines = [l for l in proc.stdout.splitlines()
+             if l.startswith(("compiled", "failed"))]
+    self.assertEqual(len(lines), 2, proc.stderr[-2000:])
+    self.assertTrue(lines[0].startswith("failed"), lines[0])
+    self.assertEqual(lines[1], "compiled")
+
+
 class MissingWheelTest(absltest.TestCase):
 
   def test_a_target_without_its_wheel_names_the_pip_command(self):

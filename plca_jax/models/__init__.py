@@ -7,6 +7,8 @@ MODELS = {"deeplab_v2": DeepLabV2}
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# config.model.scan_blocks -> ResNet.scan_blocks (None: by platform).
+SCAN_BLOCKS = {"auto": None, "scan": True, "unroll": False}
 
 
 def get_model(config, dtype=None):
@@ -25,6 +27,11 @@ def get_model(config, dtype=None):
                 remat=config.model.remat,
                 stride_on=config.model.stride_on,
                 head_init=config.model.head_init)
+  scan = config.model.get("scan_blocks", "auto")
+  if scan not in SCAN_BLOCKS:
+    raise ValueError(f"config.model.scan_blocks={scan!r}; expected one of "
+                     f"{sorted(SCAN_BLOCKS)}")
+  kwargs["scan_blocks"] = SCAN_BLOCKS[scan]
   if dtype is None:
     name = config.train.compute_dtype
     if name not in DTYPES:

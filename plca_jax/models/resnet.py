@@ -192,10 +192,11 @@ class ResNet(nn.Module):
       converted weights do not change. The compiler then generates one
       block's kernels per layer instead of one per block: the TPU compile
       of the update shrinks with the code (`python -m plca_jax.aot`,
-      docs/performance.md). None (default): in GPU and TPU programs; CPU
-      programs keep the unrolled blocks (their barriers and forms are
-      per block). Initialisation always runs the unrolled blocks, so the
-      initial values do not depend on it.
+      docs/performance.md). None (default): in TPU programs only; XLA:GPU
+      compiles the unrolled update as fast and its cost model charges the
+      scanned one more memory traffic, and CPU programs keep per-block
+      barriers and forms. Initialisation always runs the unrolled blocks,
+      so the initial values do not depend on it.
   """
   depth: int = 101
   width: int = 64
@@ -211,7 +212,7 @@ class ResNet(nn.Module):
   stride_on: str = "1x1"
   bn_groups: int = 1  # see norm.BatchNorm.groups
   dot_weight_grads: Optional[bool] = None  # None: on a CPU program (xla)
-  scan_blocks: Optional[bool] = None  # None: not on a CPU program (xla)
+  scan_blocks: Optional[bool] = None  # None: on a TPU program (xla)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -229,7 +230,8 @@ class ResNet(nn.Module):
     barrier = cpu if self.block_barrier is None else self.block_barrier
     dot_grads = cpu if self.dot_weight_grads is None else (
         self.dot_weight_grads)
-    scan = (not cpu) if self.scan_blocks is None else self.scan_blocks
+    scan = (xla.target_platform() == "tpu" if self.scan_blocks is None
+            else self.scan_blocks)
     scan = scan and not self.is_initializing()
     extra = {"stride_on": self.stride_on} if block_cls is Bottleneck else {}
     plain_cls, policy = block_cls, None
