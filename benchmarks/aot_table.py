@@ -47,7 +47,9 @@ def run_one(config, target, workdir, search_batch, timeout):
           flush=True)
     return None
   if proc.returncode != 0 or not os.path.exists(path):
-    tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+    lines = proc.stderr.strip().splitlines()
+    errors = [l for l in lines if "Error" in l or "error:" in l]
+    tail = "\n".join((errors or lines)[-5:])
     print(f"[aot_table] {config} on {target}: exit {proc.returncode}\n{tail}",
           flush=True)
     return None
