@@ -9,9 +9,11 @@ the commit and machine it was compiled on. A report already there is
 reused, so an interrupted table resumes where it stopped (a TPU compile of
 the paper setting takes minutes to tens of minutes on a small host); pass
 `--redo` to compile again. Prints one row per report: fits or not, peak
-per device, the largest micro-batch per device (with `--search_batch`,
-three more compiles per row), the roofline per update and the images per
-domain per second per device it allows, and the compile time.
+per device, the largest micro-batch per device (with `--search_batch`:
+two or three more compiles per row, each kept, with the peak of one image
+more), the roofline per update and the images per domain per second per
+device it allows, and the compile time. "Fits" is against the memory a
+program may use (`plca_jax.aot_targets`).
 """
 
 import argparse
@@ -20,23 +22,27 @@ import os
 import subprocess
 import sys
 
-import report
-
-sys.path.insert(0, report.REPO)
-from plca_jax import aot_targets  # pylint: disable=g-import-not-at-top
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import report
+from plca_jax import aot_targets
 
 GiB = aot_targets.GiB
 
 
-def run_one(config, target, workdir, search_batch, timeout):
-  """Compiles `config` for `target` into WORKDIR/CONFIG/aot_TARGET.json;
-  returns the report's path, or None when the compile failed."""
-  out_dir = os.path.join(workdir, config)
+def _aot(config, target, out_dir, timeout, *overrides):
+  """Runs `python -m plca_jax.aot` for the update alone into
+  OUT_DIR/aot_TARGET.json, stamped with the commit and machine.
+
+  Returns:
+    (the report, or None when it failed; the process's stderr).
+  """
   path = os.path.join(out_dir, f"aot_{target}.json")
   command = [sys.executable, "-m", "plca_jax.aot",
              f"--config=configs/{config}.py", f"--target={target}",
-             f"--workdir={out_dir}", "--noeval",
-             "--search_batch" if search_batch else "--nosearch_batch"]
+             f"--workdir={out_dir}", "--noeval", "--nosearch_batch",
+             *overrides]
   print(f"[aot_table] {config} on {target}: {' '.join(command[1:])}",
         flush=True)
   try:
@@ -45,14 +51,9 @@ def run_one(config, target, workdir, search_batch, timeout):
   except subprocess.TimeoutExpired:
     print(f"[aot_table] {config} on {target}: over {timeout} s, skipped",
           flush=True)
-    return None
+    return None, ""
   if proc.returncode != 0 or not os.path.exists(path):
-    lines = proc.stderr.strip().splitlines()
-    errors = [l for l in lines if "Error" in l or "error:" in l]
-    tail = "\n".join((errors or lines)[-5:])
-    print(f"[aot_table] {config} on {target}: exit {proc.returncode}\n{tail}",
-          flush=True)
-    return None
+    return None, proc.stderr
   with open(path) as f:
     record = json.load(f)
   record["provenance"] = {"commit": report.commit(),
@@ -60,29 +61,105 @@ def run_one(config, target, workdir, search_batch, timeout):
   with open(path, "w") as f:
     json.dump(record, f, indent=1)
   print(proc.stdout.strip(), flush=True)
-  return path
+  return record, proc.stderr
+
+
+def _failed(config, target, stderr):
+  lines = stderr.strip().splitlines()
+  errors = [l for l in lines if "Error" in l or "error:" in l]
+  tail = "\n".join((errors or lines)[-5:])
+  print(f"[aot_table] {config} on {target}: failed\n{tail}", flush=True)
+
+
+def run_one(config, target, workdir, timeout):
+  """Compiles `config` for `target` into WORKDIR/CONFIG/aot_TARGET.json;
+  returns the report's path, or None when the compile failed."""
+  out_dir = os.path.join(workdir, config)
+  record, stderr = _aot(config, target, out_dir, timeout)
+  if record is None:
+    _failed(config, target, stderr)
+    return None
+  return os.path.join(out_dir, f"aot_{target}.json")
+
+
+def search(config, target, workdir, path, timeout):
+  """Adds the largest micro-batch per device to the report at `path`
+  (`plca_jax.aot.search_micro_batch`, one process per compile). Each
+  compile is kept as WORKDIR/CONFIG/search_N/aot_TARGET.json (N images
+  per device), so an interrupted search resumes; the update compiled as
+  configured counts when it is one micro-batch. A compile the TPU compiler
+  refuses for memory counts as not fitting, with the bytes it names."""
+  from plca_jax import aot  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    record = json.load(f)
+  chips, cfg = record["chips"], record["config"]["train"]
+  peaks = {}
+  if cfg["grad_accum_steps"] == 1:
+    peaks[cfg["batch_size"] // chips] = (
+        record["programs"]["train"]["memory"]["peak"])
+
+  def peak(n):
+    if n in peaks:
+      return peaks[n]
+    out_dir = os.path.join(workdir, config, f"search_{n}")
+    kept = os.path.join(out_dir, f"aot_{target}.json")
+    if os.path.exists(kept):
+      with open(kept) as f:
+        peaks[n] = json.load(f)["programs"]["train"]["memory"]["peak"]
+      return peaks[n]
+    found, stderr = _aot(config, target, out_dir, timeout,
+                         "--config.train.auto_split=False",
+                         f"--config.train.batch_size={n * chips}",
+                         "--config.train.grad_accum_steps=1")
+    if found is not None:
+      peaks[n] = found["programs"]["train"]["memory"]["peak"]
+    else:
+      peaks[n] = aot.over_memory_bytes(stderr)
+      if peaks[n] is None:
+        _failed(config, target, stderr)
+        raise RuntimeError(f"{config} on {target}: the compile at {n} "
+                           "image(s) per device failed")
+      print(f"[aot_table] {n} per device: the compiler refused "
+            f"{peaks[n] / GiB:.2f} GiB", flush=True)
+    return peaks[n]
+
+  limit = aot_targets.TARGETS[target].spec.memory
+  try:
+    n = aot.search_micro_batch(peak, limit)
+  except RuntimeError as error:
+    print(f"[aot_table] {error}; no micro-batch search", flush=True)
+    return
+  record["largest_micro_batch"] = {"images_per_device": n,
+                                   "compiles": sorted(peaks.items())}
+  with open(path, "w") as f:
+    json.dump(record, f, indent=1)
 
 
 def row(config, record):
   """A Markdown table row of one report."""
   train = record["programs"]["train"]
   cfg = record["config"]["train"]
-  chips, memory = record["chips"], record["chip"]["memory"]
+  chips = record["chips"]
+  memory = aot_targets.TARGETS[record["target"]].spec.memory
   k, b = cfg["grad_accum_steps"], cfg["batch_size"]
   loop = cfg.get("micro_batch_loop", "")
   update = f"{k} x {b} ({b // chips} per device{', scanned' if k > 1 and loop != 'loop' else ''})"
   peak = train["memory"]["peak"]
-  margin = train["margin_bytes"] / GiB
-  fits = (f"yes, {margin:.2f} GiB to spare" if train["fits"] else
+  margin = (memory - peak) / GiB
+  fits = (f"yes, {margin:.2f} GiB to spare" if margin >= 0 else
           f"no, {-margin:.2f} GiB over")
   search = record.get("largest_micro_batch")
-  largest = str(search["images_per_device"]) if search else "not searched"
+  largest = "not searched"
+  if search:
+    n = search["images_per_device"]
+    over = dict(search["compiles"]).get(n + 1)
+    largest = str(n) + (f" ({n + 1}: {over / GiB:.2f})" if over else "")
   roof = train["roofline"]
   images = k * b
-  rate = images / chips / max(roof["estimate_s"], 1e-12)
+  rate = aot_targets.images_per_second(images, chips, roof["estimate_s"])
   where = record.get("provenance", {})
   return (f"| {config}.py | {record['target']} | {update} | "
-          f"{peak / GiB:.2f} of {memory / GiB:.0f} | {fits} | {largest} | "
+          f"{peak / GiB:.2f} of {memory / GiB:.2f} | {fits} | {largest} | "
           f"{train['flops'] / 1e12:.2f} | {train['bytes_accessed'] / GiB:.1f} "
           f"| {roof['estimate_s'] * 1e3:.1f} ms ({roof['bound']}) | "
           f"{rate:.2f} | {train['compile_s']:.0f} s | "
@@ -125,8 +202,12 @@ def main():
     for target in targets:
       path = os.path.join(args.workdir, config, f"aot_{target}.json")
       if args.redo or not os.path.exists(path):
-        path = run_one(config, target, args.workdir, args.search_batch,
-                       args.timeout)
+        path = run_one(config, target, args.workdir, args.timeout)
+      if path and args.search_batch:
+        with open(path) as f:
+          searched = json.load(f).get("largest_micro_batch")
+        if args.redo or not searched:
+          search(config, target, args.workdir, path, args.timeout)
       if path:
         with open(path) as f:
           rows.append(row(config, json.load(f)))

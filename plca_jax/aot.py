@@ -14,7 +14,8 @@ runs never load them (`AOT_WHEELS`, docs/cloud.md).
 
 The report, per device: argument, output, temporary and peak bytes
 against the chip's memory; the largest micro-batch per device that fits
-(two compiles, a linear fit, one confirming compile); collectives by kind
+(compiles at 1 and 2 images, a linear fit, compiles at the fit and one
+image more); collectives by kind
 with their bytes; host callbacks and transfers; custom calls; while
 loops; FLOPs and bytes accessed; a roofline estimate of the update from
 the chip's published peaks (`plca_jax.aot_targets`); compile times.
@@ -218,10 +219,10 @@ _CALLED = re.compile(r"\b([a-z_]+)=(\{[^{}]*\}|%[\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
-def computations(hlo_text):
-  """{name: (first line, last line, is entry)} of a module's text; the
+def _computations(lines):
+  """{name: (first line, last line, is entry)} of a module's lines; the
   callees come before their callers, the entry last."""
-  out, lines, start = {}, hlo_text.splitlines(), None
+  out, start = {}, None
   for i, line in enumerate(lines):
     header = _HEADER.match(line)
     if header and start is None:
@@ -244,59 +245,66 @@ def _trip_count(attributes, condition_text):
   return None
 
 
-def call_graph(hlo_text):
-  """(computations, {caller: [(callee, runs per call of the caller)]}):
-  a while loop's body runs its trip count times (1 if unknown), every
-  other called computation once."""
-  comps = computations(hlo_text)
-  lines = hlo_text.splitlines()
-  edges = collections.defaultdict(list)
-  for name, (first, last, _) in comps.items():
-    for line in lines[first + 1:last]:
-      called = dict(_CALLED.findall(line))
-      if not called:
-        continue
-      trips = 1
-      if "body" in called and "condition" in called:
-        cond = comps.get(called["condition"].lstrip("%"))
-        cond_text = "\n".join(lines[cond[0]:cond[1]]) if cond else ""
-        trips = _trip_count(line, cond_text) or 1
-      for key, value in called.items():
-        for callee in re.findall(r"%([\w.\-]+)", value):
-          if callee in comps:
-            edges[name].append((callee, trips if key == "body" else 1))
-  return comps, edges
+class HloText:
+  """An optimized module's text parsed once: its lines, computations,
+  call graph ({caller: [(callee, runs per call of the caller)]}: a while
+  loop's body runs its trip count times, 1 if unknown; every other called
+  computation once) and the runs of each computation per module run."""
+
+  def __init__(self, text):
+    self.text = text
+    self.lines = text.splitlines()
+    self.computations = _computations(self.lines)
+    self.edges = collections.defaultdict(list)
+    for name, (first, last, _) in self.computations.items():
+      for line in self.lines[first + 1:last]:
+        called = dict(_CALLED.findall(line))
+        if not called:
+          continue
+        trips = 1
+        if "body" in called and "condition" in called:
+          cond = self.computations.get(called["condition"].lstrip("%"))
+          cond_text = "\n".join(self.lines[cond[0]:cond[1]]) if cond else ""
+          trips = _trip_count(line, cond_text) or 1
+        for key, value in called.items():
+          for callee in re.findall(r"%([\w.\-]+)", value):
+            if callee in self.computations:
+              self.edges[name].append((callee, trips if key == "body" else 1))
+    self.runs = collections.Counter({
+        name: 1 for name, (_, _, entry) in self.computations.items()
+        if entry})
+    for name in reversed(list(self.computations)):  # callers first
+      for callee, trips in self.edges.get(name, ()):
+        self.runs[callee] += self.runs[name] * trips
+    # Runs per module run of each line's computation (1 outside any).
+    self.line_runs = [1] * len(self.lines)
+    for name, (first, last, _) in self.computations.items():
+      self.line_runs[first:last + 1] = (
+          [self.runs.get(name, 1)] * (last - first + 1))
+
+  @property
+  def entry(self):
+    return next((n for n, (_, _, e) in self.computations.items() if e), None)
 
 
-def multiplicity(hlo_text):
+def _parsed(hlo):
+  return hlo if isinstance(hlo, HloText) else HloText(hlo)
+
+
+def multiplicity(hlo):
   """{computation: runs per run of the module} (loop bodies times their
-  trip counts, nested loops multiplied)."""
-  comps, edges = call_graph(hlo_text)
-  runs = collections.Counter(
-      {name: 1 for name, (_, _, entry) in comps.items() if entry})
-  for name in reversed(list(comps)):  # callers before callees
-    for callee, trips in edges.get(name, ()):
-      runs[callee] += runs[name] * trips
-  return runs
+  trip counts, nested loops multiplied); `hlo` is text or an HloText."""
+  return _parsed(hlo).runs
 
 
-def _per_line_runs(hlo_text):
-  """Runs per module run of each line's computation (1 outside any)."""
-  runs, comps = multiplicity(hlo_text), computations(hlo_text)
-  out = [1] * len(hlo_text.splitlines())
-  for name, (first, last, _) in comps.items():
-    out[first:last + 1] = [runs.get(name, 1)] * (last - first + 1)
-  return out
-
-
-def loop_extra_cost(hlo_text, analyse):
+def loop_extra_cost(hlo, analyse):
   """(FLOPs, bytes) that a cost analysis counting each loop body once
   (XLA's) leaves out: every further iteration of every loop, nested
   loops included. `analyse(module_text)` costs a module (its entry
   computation once); each loop body is costed as a module of its own."""
-  comps, edges = call_graph(hlo_text)
-  lines = hlo_text.splitlines()
-  bodies = {}
+  hlo = _parsed(hlo)
+  comps, edges, lines = hlo.computations, hlo.edges, hlo.lines
+  bodies, extras = {}, {}
 
   def body_text(name):
     keep, stack = set(), [name]
@@ -308,7 +316,7 @@ def loop_extra_cost(hlo_text, analyse):
     out = ["HloModule loop_body"]
     for comp in comps:  # in the module's order: callees first
       if comp in keep:
-        first, last, entry = comps[comp]
+        first, last, _ = comps[comp]
         header = lines[first].removeprefix("ENTRY ")
         out += ["ENTRY " + header if comp == name else header,
                 *lines[first + 1:last + 1]]
@@ -321,23 +329,24 @@ def loop_extra_cost(hlo_text, analyse):
     return bodies[name]
 
   def extra(name):
-    total = np.zeros(2)
-    for callee, trips in edges.get(name, ()):
-      if trips > 1:  # a loop body counted once of `trips` runs
-        full = analysed(callee) + extra(callee)
-        total += trips * full - analysed(callee)
-      elif trips == 1:
-        total += extra(callee)
-    return total
+    if name not in extras:
+      total = np.zeros(2)
+      for callee, trips in edges.get(name, ()):
+        if trips > 1:  # a loop body counted once of `trips` runs
+          total += trips * (analysed(callee) + extra(callee)) - (
+              analysed(callee))
+        else:
+          total += extra(callee)
+      extras[name] = total
+    return extras[name]
 
-  entry = next((n for n, (_, _, e) in comps.items() if e), None)
-  if entry is None:
+  if hlo.entry is None:
     return 0.0, 0.0
-  flops, bytes_ = extra(entry)
+  flops, bytes_ = extra(hlo.entry)
   return float(flops), float(bytes_)
 
 
-def hlo_census(hlo_text):
+def hlo_census(hlo):
   """Counts in an optimized HLO module's text.
 
   Collectives count per run of the module (an async start/done pair is
@@ -349,8 +358,8 @@ def hlo_census(hlo_text):
   collectives = collections.defaultdict(lambda: [0, 0])
   custom_calls = collections.Counter()
   counts = collections.Counter()
-  runs = _per_line_runs(hlo_text)
-  for line, run in zip(hlo_text.splitlines(), runs):
+  hlo = _parsed(hlo)
+  for line, run in zip(hlo.lines, hlo.line_runs):
     match = _INSTRUCTION.match(line)
     if not match:
       continue
@@ -386,11 +395,11 @@ _TABLE_ROW = re.compile(r"^(\d+) (.*)$")
 _FIELDS = re.compile(r"(\w+)=(\d+)")
 
 
-def _stack_tables(hlo_text):
+def _stack_tables(lines):
   """The module's stack-frame tables: {frame id: (file, line, function,
   parent frame id)}."""
   tables, current = collections.defaultdict(dict), None
-  for line in hlo_text.splitlines():
+  for line in lines:
     if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
       current = line
       continue
@@ -414,13 +423,14 @@ def _stack_tables(hlo_text):
   return frames
 
 
-def collective_sources(hlo_text, package="plca_jax"):
+def collective_sources(hlo, package="plca_jax"):
   """{kind: {"file:line function": count}}: where in `package` each
   collective of an optimized module comes from (its innermost frame in
   the package; "?" without metadata)."""
-  frames = _stack_tables(hlo_text)
+  hlo = _parsed(hlo)
+  frames = _stack_tables(hlo.lines)
   out = collections.defaultdict(collections.Counter)
-  for line in hlo_text.splitlines():
+  for line in hlo.lines:
     match = _INSTRUCTION.match(line)
     if not match:
       continue
@@ -447,7 +457,7 @@ _NAME = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = ")
 _DIM_LABELS = re.compile(r"dim_labels=(\w+)_(\w+)->(\w+)")
 
 
-def gpu_library_flops(hlo_text):
+def gpu_library_flops(hlo):
   """FLOPs of the cuDNN convolutions and cuBLAS products of a GPU module,
   counted from their shapes (XLA's cost analysis leaves custom calls out).
 
@@ -458,13 +468,14 @@ def gpu_library_flops(hlo_text):
   flops = 0
   # Operands are printed by name in the optimized module: their shapes
   # come from the instructions (and parameters) that define them.
+  hlo = _parsed(hlo)
   defined = {}
-  for line in hlo_text.splitlines():
+  for line in hlo.lines:
     name = _NAME.match(line)
     match = _INSTRUCTION.match(line)
     if name and match:
       defined[name.group(1)] = match.group(1)
-  for line, run in zip(hlo_text.splitlines(), _per_line_runs(hlo_text)):
+  for line, run in zip(hlo.lines, hlo.line_runs):
     match = _INSTRUCTION.match(line)
     if not match or match.group(2) != "custom-call":
       continue
@@ -537,7 +548,7 @@ def _host_cost(module):
   return float(host.get("flops", 0)), float(host.get("bytes accessed", 0))
 
 
-def cost(compiled, platform, hlo_text):
+def cost(compiled, platform, hlo):
   """(FLOPs, bytes accessed) per device of one run of the program.
 
   The platform's cost analysis where it has one (TPU), else XLA's on the
@@ -555,8 +566,8 @@ def cost(compiled, platform, hlo_text):
     flops, bytes_accessed = _host_cost(
         compiled.runtime_executable().hlo_modules()[0])
     if platform == "gpu":
-      flops += gpu_library_flops(hlo_text)
-  extra_flops, extra_bytes = loop_extra_cost(hlo_text, _host_cost)
+      flops += gpu_library_flops(hlo)
+  extra_flops, extra_bytes = loop_extra_cost(hlo, _host_cost)
   return flops + extra_flops, bytes_accessed + extra_bytes
 
 
@@ -604,7 +615,7 @@ def analyse(lowered, target, dtype, compile_s, profile_dir=None):
                "xla_dump_hlo_as_text": False}
   compiled = lowered.compile(compiler_options=options)
   seconds = compile_s()
-  hlo = compiled.as_text()
+  hlo = HloText(compiled.as_text())
   flops, bytes_accessed = cost(compiled, target.platform, hlo)
   mem = memory(compiled)
   chip = target.spec
@@ -675,34 +686,69 @@ def search_micro_batch(peak, limit):
 
   if at(1) > limit:
     return 0
+  if at(2) > limit:
+    return 1
   slope = max(at(2) - at(1), 1)
-  n = max(int((limit - (at(1) - slope)) // slope), 1)
-  while n > 1 and at(n) > limit:
+  n = max(int((limit - (at(1) - slope)) // slope), 2)
+  while n > 2 and at(n) > limit:
     n -= 1
   while at(n + 1) <= limit:
     n += 1
   return n
 
 
-def largest_micro_batch(config, target, devices):
+_OVER_MEMORY = re.compile(
+    r"RESOURCE_EXHAUSTED: Ran out of memory.*?(?:required for [^(]*\(|"
+    r"Used )([\d.]+)([KMGT])")
+
+
+def over_memory_bytes(error_text):
+  """The bytes a TPU compile refused for want of memory says the program
+  needs (libtpu's RESOURCE_EXHAUSTED error), or None for any other text."""
+  match = _OVER_MEMORY.search(error_text)
+  if not match:
+    return None
+  return int(float(match.group(1)) * 1024**"KMGT".index(match.group(2)) *
+             1024)
+
+
+def largest_micro_batch(config, target, devices, known=None):
   """The largest micro-batch per device (images per domain) whose update
-  fits the chip (`search_micro_batch` over one-micro-batch updates).
+  fits the chip (`search_micro_batch` over one-micro-batch updates); a
+  compile the TPU compiler refuses for memory counts as not fitting.
+  `known`: {images per device: peak bytes} already compiled.
 
   Returns:
     {"images_per_device", "compiles": [(images, peak bytes)]}.
   """
   chips = len(devices)
-  peaks = {}
+  peaks = dict(known or {})
 
   def peak(n):
-    _, _, out = compile_update(_micro_batch_config(config, n, chips),
-                               target, devices, with_eval=False)
-    peaks[n] = out["train"]["memory"]["peak"]
-    logging.info("%d image(s) per device: peak %.2f GiB", n, peaks[n] / GiB)
+    if n not in peaks:
+      try:
+        _, _, out = compile_update(_micro_batch_config(config, n, chips),
+                                   target, devices, with_eval=False)
+        peaks[n] = out["train"]["memory"]["peak"]
+      except jax.errors.JaxRuntimeError as error:
+        peaks[n] = over_memory_bytes(str(error))
+        if peaks[n] is None:
+          raise
+      logging.info("%d image(s) per device: peak %.2f GiB", n,
+                   peaks[n] / GiB)
     return peaks[n]
 
   n = search_micro_batch(peak, target.spec.memory)
   return {"images_per_device": n, "compiles": sorted(peaks.items())}
+
+
+def known_peaks(config, chips, results):
+  """{images per device: peak} of the update compiled as configured when
+  it is one micro-batch (the search's own form), else {}."""
+  if config.train.grad_accum_steps != 1:
+    return {}
+  return {config.train.batch_size // chips:
+          results["train"]["memory"]["peak"]}
 
 
 # The report.
@@ -765,8 +811,8 @@ def format_report(name, config, notes, results, search):
             f"{k} x{v}" for k, v in r["cpu_forms"].items()) or "none")]
   train_result = results["train"]
   images = config.train.batch_size * config.train.grad_accum_steps
-  rate = images / target.chips / max(
-      train_result["roofline"]["estimate_s"], 1e-12)
+  rate = aot_targets.images_per_second(
+      images, target.chips, train_result["roofline"]["estimate_s"])
   lines.append(f"roofline: {rate:.2f} images per domain per second per "
                f"device ({images} per update)")
   if search:
@@ -786,7 +832,7 @@ flags.DEFINE_bool("eval", True, "Also compile the evaluation step.")
 flags.DEFINE_string("profile_compile", None, "Directory for XLA's dump "
                     "of the update's compilation; prints per-pass timings.")
 flags.DEFINE_bool("search_batch", True, "Find the largest micro-batch per "
-                  "device that fits (three more compiles).")
+                  "device that fits (two or three more compiles).")
 flags.mark_flags_as_required(["config", "target"])
 
 
@@ -800,10 +846,25 @@ def main(argv):
     sys.stderr.write(f"plca_jax.aot: {error}\n")
     sys.exit(2)
   logging.info("Compiling for %s: %s", target.name, devices[0].device_kind)
-  config, notes, results = compile_update(FLAGS.config, target, devices,
-                                          with_eval=FLAGS.eval,
-                                          profile_dir=FLAGS.profile_compile)
-  search = (largest_micro_batch(config, target, devices)
+  try:
+    config, notes, results = compile_update(
+        FLAGS.config, target, devices, with_eval=FLAGS.eval,
+        profile_dir=FLAGS.profile_compile)
+  except jax.errors.JaxRuntimeError as error:
+    needs = over_memory_bytes(str(error))
+    if needs is None:
+      raise
+    sys.stderr.write(
+        f"plca_jax.aot: the update does not fit {target.name}: the compiler "
+        f"needs {_gib(needs)} per device of {_gib(target.spec.memory)} "
+        f"({_gib(needs - target.spec.memory)} over). More micro-batches "
+        "(--config.train.grad_accum_steps) or "
+        "--config.train.compute_dtype=bfloat16 need less.\n"
+        f"{str(error).splitlines()[0]}\n")
+    sys.exit(1)
+  search = (largest_micro_batch(
+      config, target, devices,
+      known_peaks(config, target.chips, results))
             if FLAGS.search_batch else None)
   print(format_report(target.name, config, notes, results, search),
         flush=True)

@@ -4,7 +4,9 @@ Each chip's figures are the vendor's published peaks (one chip; dense, no
 sparsity), cited by `source`. `matmul_flops` is the peak of the matrix
 units at the precision XLA uses for float32 products by default on that
 platform: bfloat16 passes on TPU, TF32 on NVIDIA GPUs since Ampere.
-`memory` is the device memory XLA may allocate.
+`memory` is the device memory a program may use: on TPU the HBM that
+libtpu's compiler allows one (the figure its out-of-memory error names,
+a little below the vendor's), on GPU the card's memory.
 
 A target is a slice: chips, hosts, and how to get its devices without the
 hardware (`jax.experimental.topologies`); on GPU, an XLA
@@ -27,14 +29,14 @@ class Chip:
 
 
 CHIPS = {
-    "tpu-v4": Chip("TPU v4", 32 * GiB, 275e12, 275e12, 1200e9,
+    "tpu-v4": Chip("TPU v4", int(30.75 * GiB), 275e12, 275e12, 1200e9,
                    "https://cloud.google.com/tpu/docs/v4"),
-    "tpu-v5e": Chip("TPU v5e", 16 * GiB, 197e12, 197e12, 819e9,
+    "tpu-v5e": Chip("TPU v5e", int(15.75 * GiB), 197e12, 197e12, 819e9,
                     "https://cloud.google.com/tpu/docs/v5e"),
-    "tpu-v5p": Chip("TPU v5p", 95 * 10**9, 459e12, 459e12, 2765e9,
+    "tpu-v5p": Chip("TPU v5p", int(95.74 * GiB), 459e12, 459e12, 2765e9,
                     "https://cloud.google.com/tpu/docs/v5p"),
-    "tpu-v6e": Chip("TPU v6e (Trillium)", 32 * GiB, 918e12, 918e12, 1640e9,
-                    "https://cloud.google.com/tpu/docs/v6e"),
+    "tpu-v6e": Chip("TPU v6e (Trillium)", int(31.25 * GiB), 918e12,
+                    918e12, 1640e9, "https://cloud.google.com/tpu/docs/v6e"),
     "a100-80gb": Chip("NVIDIA A100 80GB SXM", 80 * GiB, 312e12, 156e12,
                       2039e9, "https://www.nvidia.com/en-us/data-center/a100/"),
     "h100-80gb": Chip("NVIDIA H100 80GB SXM", 80 * GiB, 989e12, 494.5e12,
@@ -58,6 +60,12 @@ _GPU_DEVICE_INFO = {
         clock_rate_ghz=1.98, device_memory_size=80 * GiB,
         description="NVIDIA H100 80GB HBM3"),
 }
+
+
+def images_per_second(images, chips, update_s):
+  """Images per domain per second per device of an update of `images` per
+  domain over `chips` devices that takes `update_s` seconds."""
+  return images / chips / max(update_s, 1e-12)
 
 
 def gpu_target_config(chip):

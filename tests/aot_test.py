@@ -103,6 +103,34 @@ class TpuProgramTest(absltest.TestCase):
     self.assertIn("eval", record["programs"])
     self.assertEqual(record["programs"]["eval"]["cpu_forms"], {})
 
+  def test_libtpu_refuses_a_program_over_memory_with_its_bytes(self):
+    # The search reads what libtpu's out-of-memory error says a program
+    # needs: 6 GiB of float32 output per chip of a v5e (15.75 GiB).
+    code = "\n".join([
+        "import os, sys",
+        "os.environ['JAX_PLATFORMS'] = 'cpu'",
+        "os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')",
+        "from plca_jax import aot",
+        "sys.path.insert(0, aot.AOT_WHEELS)",
+        "import jax, jax.numpy as jnp",
+        "devices = aot.target_devices(aot.get_target('tpu-v5e-4'))[:1]",
+        "mesh = jax.sharding.Mesh(devices, ('x',))",
+        "s = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())",
+        "x = jax.ShapeDtypeStruct((2**28,), jnp.float32, sharding=s)",
+        "f = jax.jit(lambda x: jnp.concatenate([x * i for i in range(24)]),",
+        "            out_shardings=s)",
+        "try:",
+        "  f.lower(x).compile()",
+        "  print('compiled')",
+        "except jax.errors.JaxRuntimeError as error:",
+        "  print('needs', aot.over_memory_bytes(str(error)))"])
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                          env=_aot_env(), capture_output=True, text=True,
+                          check=False)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    self.assertRegex(proc.stdout, r"^needs \d+", proc.stderr[-2000:])
+    self.assertGreaterEqual(int(proc.stdout.split()[1]), 24 * 2**30)
+
   def test_tpu_update_scans_its_micro_batches(self):
     record, _ = report("tpu-v5e-4", "--config.train.batch_size=4")
     self.assertEqual(record["config"]["train"]["grad_accum_steps"], 2)
@@ -336,6 +364,64 @@ class AnalysisTest(absltest.TestCase):
     self.assertEqual(aot.search_micro_batch(peak, limit), 5)
     self.assertLessEqual(len(compiles), 4)
     self.assertEqual(aot.search_micro_batch(lambda n: 200 * n, limit), 0)
+    # Two images do not fit: no fit from a refused compile's figure.
+    compiles.clear()
+    self.assertEqual(aot.search_micro_batch(
+        lambda n: compiles.append(n) or 60 * n, limit), 1)
+    self.assertEqual(compiles, [1, 2])
+
+  def test_a_refused_compile_names_the_bytes_it_needed(self):
+    for text, gib in [
+        ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+         "required for HLO temporaries (24.00G) exceeds available HBM "
+         "(15.75G).", 24.0),
+        ("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used "
+         "20.50G of 15.75G hbm. Exceeded hbm capacity by 4.75G.", 20.5)]:
+      self.assertEqual(aot.over_memory_bytes(text), int(gib * 2**30))
+    self.assertIsNone(aot.over_memory_bytes("INTERNAL: something else"))
+
+  def test_table_search_resumes_from_kept_compiles(self):
+    # benchmarks/aot_table.py's search with the compiler replaced by
+    # 3 + 4 n GiB per device on a 15.75 GiB chip; 4 images are refused
+    # by the compiler (as libtpu does), 3 fit.
+    from benchmarks import aot_table  # pylint: disable=g-import-not-at-top
+    workdir = tempfile.mkdtemp()
+    path = os.path.join(workdir, "x.json")
+    gib = 2**30
+    with open(path, "w") as f:
+      json.dump({"chips": 8, "config": {"train": {
+          "grad_accum_steps": 1, "batch_size": 8}}, "programs": {
+              "train": {"memory": {"peak": 7 * gib}}}}, f)
+    calls = []
+
+    def fake(config, target, out_dir, timeout, *overrides):
+      del config, timeout
+      n = int(overrides[1].split("=")[1]) // 8
+      calls.append(n)
+      if n >= 4:
+        return None, ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the "
+                      f"total memory required for x ({3 + 4 * n}.00G)")
+      record = {"programs": {"train": {"memory": {"peak": (3 + 4 * n) * gib}}}}
+      os.makedirs(out_dir)
+      with open(os.path.join(out_dir, f"aot_{target}.json"), "w") as f:
+        json.dump(record, f)
+      return record, ""
+
+    real = aot_table._aot
+    aot_table._aot = fake
+    try:
+      aot_table.search("synthia", "tpu-v5e-8", workdir, path, 60)
+      self.assertEqual(calls, [2, 3, 4])  # 1 is the update itself
+      with open(path) as f:
+        found = json.load(f)["largest_micro_batch"]
+      self.assertEqual(found["images_per_device"], 3)
+      self.assertEqual(found["compiles"], [[1, 7 * gib], [2, 11 * gib],
+                                           [3, 15 * gib], [4, 19 * gib]])
+      calls.clear()  # again: the kept compiles are read, 4 is compiled
+      aot_table.search("synthia", "tpu-v5e-8", workdir, path, 60)
+      self.assertEqual(calls, [4])
+    finally:
+      aot_table._aot = real
 
   def test_targets_cite_their_figures(self):
     for name, target in aot_targets.TARGETS.items():
