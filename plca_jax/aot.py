@@ -672,11 +672,17 @@ def _micro_batch_config(config, per_device, chips):
   return config
 
 
-def search_micro_batch(peak, limit):
-  """The largest n >= 0 with peak(n) <= limit, for a peak that grows
-  about linearly with n: peak(1) and peak(2), the linear fit's n, then
-  compiles stepping down from it while it does not fit (up while n + 1
-  fits); `peak` is called once per n."""
+def search_micro_batch(peak, limit, most=256):
+  """The largest n in [0, most] with peak(n) <= limit, for a peak that
+  grows with n; `peak` is called once per n.
+
+  peak(1) and peak(2), then the line through the two largest n that fit
+  gives the next n (for a linear peak, the answer: 4 compiles with the
+  one just above it). Once an n does not fit, the next is halfway between
+  where the chord from the largest n that fits to the smallest that does
+  not crosses the limit (below the answer for a peak that grows faster
+  than linearly) and that smallest n, until the two are neighbours.
+  """
   seen = {}
 
   def at(n):
@@ -684,17 +690,28 @@ def search_micro_batch(peak, limit):
       seen[n] = peak(n)
     return seen[n]
 
+  def crossing(a, b):  # where the line through (a, b) reaches the limit
+    slope = (at(b) - at(a)) / (b - a)
+    if slope <= 0:
+      return most
+    return int(a + (limit - at(a)) / slope)
+
   if at(1) > limit:
     return 0
   if at(2) > limit:
     return 1
-  slope = max(at(2) - at(1), 1)
-  n = max(int((limit - (at(1) - slope)) // slope), 2)
-  while n > 2 and at(n) > limit:
-    n -= 1
-  while at(n + 1) <= limit:
-    n += 1
-  return n
+  lo, prev, hi = 2, 1, most + 1  # hi: the smallest n known not to fit
+  while hi > lo + 1:
+    if hi > most:
+      n = crossing(prev, lo)
+    else:
+      n = (crossing(lo, hi) + hi) // 2
+    n = min(max(n, lo + 1), hi - 1)
+    if at(n) <= limit:
+      lo, prev = n, lo
+    else:
+      hi = n
+  return lo
 
 
 _OVER_MEMORY = re.compile(

@@ -364,6 +364,14 @@ class AnalysisTest(absltest.TestCase):
     self.assertEqual(aot.search_micro_batch(peak, limit), 5)
     self.assertLessEqual(len(compiles), 4)
     self.assertEqual(aot.search_micro_batch(lambda n: 200 * n, limit), 0)
+    # A peak that grows faster than linearly (the fit overshoots).
+    for quadratic in (lambda n: 10 + n * n, lambda n: 10 + 3 * n + n * n):
+      compiles.clear()
+      found = aot.search_micro_batch(
+          lambda n, f=quadratic: compiles.append(n) or f(n), limit)
+      self.assertEqual(found, max(n for n in range(1, 20)
+                                  if quadratic(n) <= limit))
+      self.assertLessEqual(len(compiles), 7)
     # Two images do not fit: no fit from a refused compile's figure.
     compiles.clear()
     self.assertEqual(aot.search_micro_batch(
