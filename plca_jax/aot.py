@@ -227,7 +227,9 @@ def _computations(lines):
     header = _HEADER.match(line)
     if header and start is None:
       start, name, entry = i, header.group(2), bool(header.group(1))
-    elif line == "}" and start is not None:
+    elif line.startswith("}") and start is not None:
+      # "}" or, for a computation of another execution thread (the
+      # SparseCore of v5p and v6e), '}, execution_thread="sparsecore"'.
       out[name] = (start, i, entry)
       start = None
   return out

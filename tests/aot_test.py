@@ -312,8 +312,12 @@ class AnalysisTest(absltest.TestCase):
   def test_census_counts_collectives_per_iteration(self):
     # A body with one all-reduce in a loop of 5: known_trip_count, or the
     # bound of the condition when the backend drops it (XLA:TPU).
+    # A SparseCore computation (v5p, v6e) ends in "}, execution_thread=".
+    sparsecore = ["%offload (p: f32[8]) -> f32[8] {",
+                  "  ROOT %n = f32[8]{0} negate(f32[8]{0} %p)",
+                  '}, execution_thread="sparsecore"']
     for trip in ('backend_config={"known_trip_count":{"n":"5"}}', ""):
-      hlo = "\n".join([
+      hlo = "\n".join(sparsecore + [
           "%cond (p: (s32[], f32[8])) -> pred[] {",
           "  %c = s32[]{:T(128)} constant(5)",
           "  %i = s32[] get-tuple-element((s32[], f32[8]{0}) %p), index=0",
