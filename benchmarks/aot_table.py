@@ -10,8 +10,8 @@ reused, so an interrupted table resumes where it stopped (a TPU compile of
 the paper setting takes minutes to tens of minutes on a small host); pass
 `--redo` to compile again. Prints one row per report: fits or not, peak
 per device, the largest micro-batch per device (with `--search_batch`:
-two or three more compiles per row, each kept, with the peak of one image
-more), the roofline per update and the images per domain per second per
+one to three more compiles per row, each kept; with the peak of one image
+more where it was compiled), the roofline per update and the images per domain per second per
 device it allows, and the compile time. "Fits" is against the memory a
 program may use (`plca_jax.aot_targets`).
 """
@@ -88,7 +88,8 @@ def search(config, target, workdir, path, timeout):
   compile is kept as WORKDIR/CONFIG/search_N/aot_TARGET.json (N images
   per device), so an interrupted search resumes; the update compiled as
   configured counts when it is one micro-batch. A compile the TPU compiler
-  refuses for memory counts as not fitting, with the bytes it names."""
+  refuses for memory counts as not fitting, with the bytes it names (kept
+  as WORKDIR/CONFIG/search_N/refused_TARGET.json)."""
   from plca_jax import aot  # pylint: disable=g-import-not-at-top
   with open(path) as f:
     record = json.load(f)
@@ -103,9 +104,14 @@ def search(config, target, workdir, path, timeout):
       return peaks[n]
     out_dir = os.path.join(workdir, config, f"search_{n}")
     kept = os.path.join(out_dir, f"aot_{target}.json")
+    refused = os.path.join(out_dir, f"refused_{target}.json")
     if os.path.exists(kept):
       with open(kept) as f:
         peaks[n] = json.load(f)["programs"]["train"]["memory"]["peak"]
+      return peaks[n]
+    if os.path.exists(refused):
+      with open(refused) as f:
+        peaks[n] = json.load(f)["needs"]
       return peaks[n]
     found, stderr = _aot(config, target, out_dir, timeout,
                          "--config.train.auto_split=False",
@@ -121,6 +127,10 @@ def search(config, target, workdir, path, timeout):
                            "image(s) per device failed")
       print(f"[aot_table] {n} per device: the compiler refused "
             f"{peaks[n] / GiB:.2f} GiB", flush=True)
+      os.makedirs(out_dir, exist_ok=True)
+      with open(refused, "w") as f:
+        json.dump({"needs": peaks[n], "commit": report.commit(),
+                   "machine": report.machine()}, f)
     return peaks[n]
 
   limit = aot_targets.TARGETS[target].spec.memory
@@ -153,7 +163,8 @@ def row(config, record):
   if search:
     n = search["images_per_device"]
     over = dict(search["compiles"]).get(n + 1)
-    largest = str(n) + (f" ({n + 1}: {over / GiB:.2f})" if over else "")
+    largest = str(n) + (f" ({n + 1}: {over / GiB:.2f})" if over else
+                        f" ({n + 1}: over by the fit)")
   roof = train["roofline"]
   images = k * b
   rate = aot_targets.images_per_second(images, chips, roof["estimate_s"])

@@ -14,8 +14,7 @@ runs never load them (`AOT_WHEELS`, docs/cloud.md).
 
 The report, per device: argument, output, temporary and peak bytes
 against the chip's memory; the largest micro-batch per device that fits
-(compiles at 1 and 2 images, a linear fit, compiles at the fit and one
-image more); collectives by kind
+(compiles at 1 and 2 images, a linear fit, a compile confirming it); collectives by kind
 with their bytes; host callbacks and transfers; custom calls; while
 loops; FLOPs and bytes accessed; a roofline estimate of the update from
 the chip's published peaks (`plca_jax.aot_targets`); compile times.
@@ -678,12 +677,14 @@ def search_micro_batch(peak, limit, most=256):
   """The largest n in [0, most] with peak(n) <= limit, for a peak that
   grows with n; `peak` is called once per n.
 
-  peak(1) and peak(2), then the line through the two largest n that fit
-  gives the next n (for a linear peak, the answer: 4 compiles with the
-  one just above it). Once an n does not fit, the next is halfway between
-  where the chord from the largest n that fits to the smallest that does
-  not crosses the limit (below the answer for a peak that grows faster
-  than linearly) and that smallest n, until the two are neighbours.
+  peak(1) and peak(2), then the n where the line through the two largest
+  n that fit crosses the limit; when that n fits and the line through it
+  puts n + 1 over, n is the answer (a linear peak: 1, 2 and the fit, the
+  last compile confirming it). Once an n does not fit, the next is
+  halfway between where the chord from the largest n that fits to the
+  smallest that does not crosses the limit (below the answer for a peak
+  that grows faster than linearly) and that smallest n, until the two
+  are neighbours.
   """
   seen = {}
 
@@ -706,6 +707,8 @@ def search_micro_batch(peak, limit, most=256):
   while hi > lo + 1:
     if hi > most:
       n = crossing(prev, lo)
+      if n <= lo:  # the line through the two largest that fit: lo + 1
+        return lo  # is over
     else:
       n = (crossing(lo, hi) + hi) // 2
     n = min(max(n, lo + 1), hi - 1)
@@ -851,7 +854,7 @@ flags.DEFINE_bool("eval", True, "Also compile the evaluation step.")
 flags.DEFINE_string("profile_compile", None, "Directory for XLA's dump "
                     "of the update's compilation; prints per-pass timings.")
 flags.DEFINE_bool("search_batch", True, "Find the largest micro-batch per "
-                  "device that fits (two or three more compiles).")
+                  "device that fits (one to three more compiles as a rule).")
 flags.mark_flags_as_required(["config", "target"])
 
 

@@ -366,7 +366,7 @@ class AnalysisTest(absltest.TestCase):
       return 10 + 17 * n
 
     self.assertEqual(aot.search_micro_batch(peak, limit), 5)
-    self.assertLessEqual(len(compiles), 4)
+    self.assertEqual(compiles, [1, 2, 5])  # the fit, confirmed
     self.assertEqual(aot.search_micro_batch(lambda n: 200 * n, limit), 0)
     # A peak that grows faster than linearly (the fit overshoots).
     for quadratic in (lambda n: 10 + n * n, lambda n: 10 + 3 * n + n * n):
@@ -393,9 +393,10 @@ class AnalysisTest(absltest.TestCase):
     self.assertIsNone(aot.over_memory_bytes("INTERNAL: something else"))
 
   def test_table_search_resumes_from_kept_compiles(self):
-    # benchmarks/aot_table.py's search with the compiler replaced by
-    # 3 + 4 n GiB per device on a 15.75 GiB chip; 4 images are refused
-    # by the compiler (as libtpu does), 3 fit.
+    # benchmarks/aot_table.py's search with the compiler replaced: on a
+    # 15.75 GiB chip, 7, 9 and 13 GiB per device at 1 (the update
+    # itself), 2 and 3 images; from 4 on the compiler refuses, naming
+    # 3 + 4 n GiB (as libtpu does). The fit through 1 and 2 says 5.
     from benchmarks import aot_table  # pylint: disable=g-import-not-at-top
     workdir = tempfile.mkdtemp()
     path = os.path.join(workdir, "x.json")
@@ -413,7 +414,8 @@ class AnalysisTest(absltest.TestCase):
       if n >= 4:
         return None, ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the "
                       f"total memory required for x ({3 + 4 * n}.00G)")
-      record = {"programs": {"train": {"memory": {"peak": (3 + 4 * n) * gib}}}}
+      record = {"programs": {"train": {"memory": {
+          "peak": {2: 9, 3: 13}[n] * gib}}}}
       os.makedirs(out_dir)
       with open(os.path.join(out_dir, f"aot_{target}.json"), "w") as f:
         json.dump(record, f)
@@ -423,15 +425,18 @@ class AnalysisTest(absltest.TestCase):
     aot_table._aot = fake
     try:
       aot_table.search("synthia", "tpu-v5e-8", workdir, path, 60)
-      self.assertEqual(calls, [2, 3, 4])  # 1 is the update itself
+      self.assertEqual(calls, [2, 5, 4, 3])
       with open(path) as f:
         found = json.load(f)["largest_micro_batch"]
       self.assertEqual(found["images_per_device"], 3)
-      self.assertEqual(found["compiles"], [[1, 7 * gib], [2, 11 * gib],
-                                           [3, 15 * gib], [4, 19 * gib]])
-      calls.clear()  # again: the kept compiles are read, 4 is compiled
+      self.assertEqual(found["compiles"], [
+          [1, 7 * gib], [2, 9 * gib], [3, 13 * gib], [4, 19 * gib],
+          [5, 23 * gib]])
+      calls.clear()  # again: every compile is kept, refused ones too
       aot_table.search("synthia", "tpu-v5e-8", workdir, path, 60)
-      self.assertEqual(calls, [4])
+      self.assertEqual(calls, [])
+      with open(path) as f:
+        self.assertEqual(json.load(f)["largest_micro_batch"], found)
     finally:
       aot_table._aot = real
 
