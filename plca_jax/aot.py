@@ -513,11 +513,11 @@ def gpu_library_flops(hlo):
   return flops
 
 
-def cpu_forms(lowered):
-  """Counts of the CPU-only forms (xla.cpu_form scopes) in a lowered
+def forms(lowered):
+  """Counts of the forms chosen by platform (xla.form scopes) in a lowered
   program's op names: {form: operations}."""
   text = lowered.as_text(debug_info=True)
-  found = re.findall(re.escape(xla.CPU_FORM_PREFIX) + r"(\w+)", text)
+  found = re.findall(re.escape(xla.FORM_PREFIX) + r"(\w+)", text)
   return dict(collections.Counter(found))
 
 
@@ -621,6 +621,7 @@ def analyse(lowered, target, dtype, compile_s, profile_dir=None):
   mem = memory(compiled)
   chip = target.spec
   timings = pass_timings(profile_dir) if profile_dir else None
+  found = forms(lowered)
   # What the update's tensors need at least: every argument read, every
   # output written, every temporary buffer written once and read once.
   tensors = mem["arguments"] + mem["outputs"] + 2 * mem["temporaries"]
@@ -630,7 +631,8 @@ def analyse(lowered, target, dtype, compile_s, profile_dir=None):
           "margin_bytes": chip.memory - mem["peak"],
           "flops": flops, "bytes_accessed": bytes_accessed,
           "roofline": roofline(flops, bytes_accessed, chip, dtype),
-          "cpu_forms": cpu_forms(lowered),
+          "forms": found,
+          "cpu_forms": {k: v for k, v in found.items() if k in xla.CPU_FORMS},
           "collective_sources": collective_sources(hlo), **hlo_census(hlo)}
 
 
@@ -829,8 +831,9 @@ def format_report(name, config, notes, results, search):
         f"{r['convolutions']}",
         "  custom calls: " + (", ".join(
             f"{k} x{v}" for k, v in r["custom_calls"].items()) or "none"),
-        "  CPU forms: " + (", ".join(
-            f"{k} x{v}" for k, v in r["cpu_forms"].items()) or "none")]
+        "  forms: " + (", ".join(
+            f"{k} x{v}" for k, v in r["forms"].items()) or "none") +
+        " (CPU-only: " + (", ".join(r["cpu_forms"]) or "none") + ")"]
   train_result = results["train"]
   images = config.train.batch_size * config.train.grad_accum_steps
   rate = aot_targets.images_per_second(

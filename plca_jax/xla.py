@@ -10,9 +10,10 @@ where XLA uses cuDNN / emits convolution gradients natively:
 - `lax.optimization_barrier` survives to the fusion passes (XLA:CPU's
   `cse_barrier_expander` removes it first), so the block outputs the model
   materialises (`ResNet.block_barrier`) stay materialised.
-The model's own CPU forms (weight gradients and the ASPP head as matrix
-products: `ResNet.dot_weight_grads`, `DeepLabV2.head_as_dot`) and the
-Lovasz loss's host sort are chosen with the same test, `on_cpu()`.
+The model's own CPU forms (weight gradients as matrix products,
+`ResNet.dot_weight_grads`) and the Lovasz loss's host sort are chosen with
+the same test, `on_cpu()`; the ASPP head as one matrix product
+(`DeepLabV2.head_as_dot`) serves XLA:CPU and XLA:TPU.
 
 Every such choice follows the platform of the program being built, not the
 host's default backend: `create_train_step` and `create_eval_step` trace
@@ -140,13 +141,15 @@ def select_platform():
 # find output tile sizes"), so the products go to cuBLAS.
 _GPU_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
-CPU_FORM_PREFIX = "cpu_form_"
+FORM_PREFIX = "plca_form_"
+# The forms chosen for XLA:CPU alone: TPU and GPU programs hold none.
+CPU_FORMS = ("block_barrier", "dot_weight_grad", "host_sort")
 
 
-def cpu_form(name):
-  """A named scope marking one of the CPU forms in a program's op names
-  (plca_jax.aot reports them; TPU and GPU programs hold none)."""
-  return jax.named_scope(CPU_FORM_PREFIX + name)
+def form(name):
+  """A named scope marking one of the forms chosen by platform in a
+  program's op names (plca_jax.aot reports them)."""
+  return jax.named_scope(FORM_PREFIX + name)
 
 
 def compiler_options(platform=None):

@@ -22,6 +22,7 @@ from configs import test as test_config
 from plca_jax import aot
 from plca_jax import aot_targets
 from plca_jax import sharding
+from plca_jax import xla
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _REPORTS = {}
@@ -79,6 +80,9 @@ class TpuProgramTest(absltest.TestCase):
     self.assertIn("train step (per device", stdout)
     self.assertEqual(record["chips"], 4)
     self.assertEqual(train["cpu_forms"], {})
+    # The ASPP head as one product: libtpu lowers it in seconds, each of
+    # its dilated convolutions in minutes.
+    self.assertIn("head_as_dot", train["forms"])
     self.assertEqual(train["host_callbacks"], 0)
     self.assertEqual(train["host_transfers"], 0)
     self.assertTrue(train["fits"])
@@ -143,7 +147,7 @@ class GpuProgramTest(absltest.TestCase):
   def test_gpu_update_uses_cudnn_and_no_cpu_forms(self):
     record, _ = report("gpu-h100-80gb", "--noeval")
     train = record["programs"]["train"]
-    self.assertEqual(train["cpu_forms"], {})
+    self.assertEqual(train["forms"], {})  # the head's convolutions on cuDNN
     self.assertEqual(train["host_callbacks"], 0)
     self.assertEqual(train["collectives"], {})  # one GPU
     convolutions = {k: v for k, v in train["custom_calls"].items()
@@ -230,9 +234,11 @@ class CpuProgramTest(absltest.TestCase):
     cls.grad_accum_steps = config.train.grad_accum_steps
 
   def test_the_cpu_program_keeps_its_forms(self):
-    forms = aot.cpu_forms(self.lowered["as_shipped"])
+    forms = aot.forms(self.lowered["as_shipped"])
     self.assertEqual(sorted(forms), ["block_barrier", "dot_weight_grad",
                                      "head_as_dot", "host_sort"])
+    self.assertEqual(sorted(set(forms) & set(xla.CPU_FORMS)),
+                     sorted(xla.CPU_FORMS))
 
   def test_scan_puts_one_copy_of_the_pass_in_the_program(self):
     # Two micro-batches: the loop's program (the CPU's choice) holds two

@@ -156,7 +156,7 @@ def descending_order(key, host_sort=None):
     host_sort = xla.on_cpu() and xla.target_device_count() == 1
   if not host_sort:
     return jnp.argsort(-key, axis=0)
-  with xla.cpu_form("host_sort"):
+  with xla.form("host_sort"):
     return jax.pure_callback(
         _numpy_descending_order, jax.ShapeDtypeStruct(key.shape, jnp.int32),
         jax.lax.stop_gradient(key), vmap_method="sequential")

@@ -15,9 +15,9 @@ def get_model(config, dtype=None):
   """Builds the model named by `config.model.name` from `config.model`.
 
   The compute dtype is `dtype` if given, else `config.train.compute_dtype`.
-  The XLA:CPU forms of the network (block barriers, weight gradients and
-  the head as matrix products) are left to the platform of the program
-  that traces it (`plca_jax.xla.on_cpu`).
+  The forms of the network chosen by platform (block barriers, weight
+  gradients and the head as matrix products) are left to the platform of
+  the program that traces it (`plca_jax.xla.target_platform`).
   """
   if config.model.name not in MODELS:
     raise ValueError(f"config.model.name={config.model.name!r}; expected one "

@@ -89,7 +89,7 @@ def _bwd(strides, padding, dilation, res, g):
   _, input_vjp = jax.vjp(
       lambda x: _forward(x, kernel, strides, padding, dilation), x)
   (dx,) = input_vjp(g)
-  with xla.cpu_form("dot_weight_grad"):
+  with xla.form("dot_weight_grad"):
     dw = weight_grad(x, g, kernel.shape, strides, padding, dilation)
   return dx, dw
 

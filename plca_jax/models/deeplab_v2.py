@@ -83,10 +83,12 @@ class ASPPHead(nn.Module):
   """Four parallel bias-free 3x3 convs (dilation = padding = rate), summed.
 
   `as_dot=True` computes the same sum as one matrix product and shifted
-  adds (`aspp_as_dot`), with the same variables: on XLA:CPU, whose
-  convolution kernel is slow on these (C=2048 -> M=16, dilation up to 24)
-  convolutions, 4x faster forward and backward (docs/performance.md). Set
-  on the CPU backend only.
+  adds (`aspp_as_dot`), with the same variables. XLA:CPU's convolution
+  kernel is slow on these (C=2048 -> M=16, dilation up to 24) convolutions
+  (the product is 4x faster forward and backward), and libtpu takes
+  minutes to lower each of them (its lowering of the product takes
+  seconds, and the cost model gives it less memory traffic): both use the
+  product (docs/performance.md); GPU programs keep the convolutions.
   """
   num_classes: int
   rates: Sequence[int] = (6, 12, 18, 24)
@@ -101,7 +103,7 @@ class ASPPHead(nn.Module):
       kernels = [_Kernel(shape, head_initializer(self.initializer),
                          name=f"conv{i}")().astype(self.dtype)
                  for i in range(len(self.rates))]
-      with xla.cpu_form("head_as_dot"):
+      with xla.form("head_as_dot"):
         return aspp_as_dot(x.astype(self.dtype), kernels, self.rates)
     out = 0
     for i, r in enumerate(self.rates):
@@ -138,10 +140,10 @@ class DeepLabV2(nn.Module):
   aux_head: bool = False
   stride_on: str = "1x1"  # see resnet.ResNet
   head_init: str = "torch_default"  # see HEAD_INITS
-  # XLA:CPU's kernels: the ASPP sums as one matrix product
-  # (ASPPHead.as_dot), the backbone's weight gradients as matrix products
-  # (resnet.ResNet.dot_weight_grads). None: when the program being built
-  # is a CPU one (plca_jax.xla.on_cpu at trace time).
+  # The ASPP sums as one matrix product (ASPPHead.as_dot; None: when the
+  # program being built is a CPU or TPU one) and XLA:CPU's backbone
+  # weight gradients as matrix products (resnet.ResNet.dot_weight_grads;
+  # None: on a CPU program), decided at trace time (plca_jax.xla).
   head_as_dot: Optional[bool] = None
   dot_weight_grads: Optional[bool] = None
   scan_blocks: Optional[bool] = None  # see resnet.ResNet
@@ -150,7 +152,8 @@ class DeepLabV2(nn.Module):
   bn_groups: int = 1
 
   def setup(self):
-    as_dot = xla.on_cpu() if self.head_as_dot is None else self.head_as_dot
+    as_dot = (xla.target_platform() in ("cpu", "tpu")
+              if self.head_as_dot is None else self.head_as_dot)
     self.backbone = resnet.ResNet(depth=self.depth, width=self.width,
                                   dtype=self.dtype, remat=self.remat,
                                   block_barrier=self.block_barrier,

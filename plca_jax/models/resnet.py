@@ -276,7 +276,7 @@ class ResNet(nn.Module):
           break
         x = block_cls(**fields, name=f"layer{i + 1}_{b}")(x)
         if barrier:
-          with xla.cpu_form("block_barrier"):
+          with xla.form("block_barrier"):
             x = jax.lax.optimization_barrier(x)
         in_channels = out_channels
       if i == 2:
@@ -302,7 +302,7 @@ class ResNet(nn.Module):
       else:
         y, updated = block.apply(block_vars, y), {}
       if barrier:
-        with xla.cpu_form("block_barrier"):
+        with xla.form("block_barrier"):
           y = jax.lax.optimization_barrier(y)
       return y, updated
 
