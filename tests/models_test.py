@@ -295,6 +295,19 @@ class CPUKernelsTest(parameterized.TestCase):
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
+  def test_forms_by_platform_follow_the_config(self):
+    config = default_config.get_config()
+    config.model.head_form, config.model.scan_blocks = "conv", "scan"
+    built = models.get_model(config)
+    self.assertEqual((built.head_as_dot, built.scan_blocks), (False, True))
+    config.model.head_form, config.model.scan_blocks = "product", "unroll"
+    built = models.get_model(config)
+    self.assertEqual((built.head_as_dot, built.scan_blocks), (True, False))
+    config.model.head_form = "dots"
+    with self.assertRaisesRegex(ValueError,
+                                "config.model.head_form='dots'.*'conv'"):
+      models.get_model(config)
+
   def test_network_with_cpu_kernels_equals_the_plain_one(self):
     # get_model leaves XLA:CPU's forms to the platform the network is
     # traced for (tests/aot_test.py checks the TPU and GPU programs); the

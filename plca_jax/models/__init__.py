@@ -7,8 +7,12 @@ MODELS = {"deeplab_v2": DeepLabV2}
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# config.model.scan_blocks -> ResNet.scan_blocks (None: by platform).
-SCAN_BLOCKS = {"auto": None, "scan": True, "unroll": False}
+# Choices of config.model by platform -> the model's field (None: by the
+# platform of the program being built).
+FORMS = {"scan_blocks": ("scan_blocks", {"auto": None, "scan": True,
+                                         "unroll": False}),
+         "head_form": ("head_as_dot", {"auto": None, "product": True,
+                                       "conv": False})}
 
 
 def get_model(config, dtype=None):
@@ -27,11 +31,12 @@ def get_model(config, dtype=None):
                 remat=config.model.remat,
                 stride_on=config.model.stride_on,
                 head_init=config.model.head_init)
-  scan = config.model.get("scan_blocks", "auto")
-  if scan not in SCAN_BLOCKS:
-    raise ValueError(f"config.model.scan_blocks={scan!r}; expected one of "
-                     f"{sorted(SCAN_BLOCKS)}")
-  kwargs["scan_blocks"] = SCAN_BLOCKS[scan]
+  for key, (field, choices) in FORMS.items():
+    choice = config.model.get(key, "auto")
+    if choice not in choices:
+      raise ValueError(f"config.model.{key}={choice!r}; expected one of "
+                       f"{sorted(choices)}")
+    kwargs[field] = choices[choice]
   if dtype is None:
     name = config.train.compute_dtype
     if name not in DTYPES:
