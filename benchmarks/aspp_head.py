@@ -1,15 +1,15 @@
-"""The ASPP head alone, compiled for a TPU or GPU target: both forms.
+"""The ASPP head alone, compiled for a TPU or GPU target in each form.
 
     python benchmarks/aspp_head.py --target=tpu-v5e-8 [--classes=16] \\
-        [--forms=product,conv] [--markdown]
+        [--forms=taps,product,conv] [--markdown]
 
 Compiles the forward and backward pass of DeepLab-V2's head (four dilated
 3x3 convolutions, 2048 channels to `--classes`, rates 6, 12, 18 and 24)
 for one image at the paper's 730x730 crop (a 92x92 feature map), on one
-device of `--target`, as four convolutions (`config.model.head_form=conv`)
-and as one matrix product with shifted adds (`=product`), and prints the
-compile time and the compiler's cost analysis (the host's for GPU) of
-each. No accelerator is needed (plca_jax.aot's devices; its wheels).
+device of `--target`, in each form of `config.model.head_form` (`conv`:
+four convolutions; `product`: one matrix product and shifted adds; `taps`:
+one product per tap, batched, and shifted adds), and prints the compile
+time and the compiler's cost analysis (the host's for GPU) of each. No accelerator is needed (plca_jax.aot's devices; its wheels).
 """
 
 import argparse
@@ -30,12 +30,8 @@ sys.path.insert(0, aot.AOT_WHEELS)
 import jax
 import jax.numpy as jnp
 
-from plca_jax import models
 from plca_jax.models import deeplab_v2
 
-FORMS = {name: as_dot for name, (field, choices) in models.FORMS.items()
-         if field == "head_as_dot" for name, as_dot in choices.items()
-         if as_dot is not None}
 
 
 def compile_head(target, form, classes, size=92, channels=2048):
@@ -43,7 +39,7 @@ def compile_head(target, form, classes, size=92, channels=2048):
   device = aot.target_devices(target)[0]
   mesh = jax.sharding.Mesh([device], ("x",))
   placed = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  head = deeplab_v2.ASPPHead(num_classes=classes, as_dot=FORMS[form])
+  head = deeplab_v2.ASPPHead(num_classes=classes, form=form)
   x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32,
                            sharding=placed)
   params = jax.eval_shape(head.init, jax.random.key(0),
@@ -68,14 +64,15 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--target", default="tpu-v5e-8")
   parser.add_argument("--classes", type=int, default=16)
-  parser.add_argument("--forms", default="product,conv")
+  parser.add_argument("--forms", default="taps,product,conv")
   report.add_flag(parser)
   args = parser.parse_args()
   target = aot.get_target(args.target)
   forms = args.forms.split(",")
   for form in forms:
-    if form not in FORMS:
-      parser.error(f"--forms: {form!r} is not one of {sorted(FORMS)}")
+    if form not in deeplab_v2.HEAD_FORMS:
+      parser.error(f"--forms: {form!r} is not one of "
+                   f"{deeplab_v2.HEAD_FORMS}")
   rows = []
   for form in forms:
     seconds, cost = compile_head(target, form, args.classes)

@@ -16,7 +16,7 @@ times the one-batch update alternating with the two-pass one, like
 convolutions, materialised block outputs) and the model's XLA:CPU kernels
 to show what they change; `--cpu_kernels=off` drops only the kernels (the
 ASPP head as one matrix product, weight gradients as matrix products:
-`DeepLabV2.head_as_dot`, `dot_weight_grads`), `--cpu_kernels=both` times
+`DeepLabV2.head_form`, `dot_weight_grads`), `--cpu_kernels=both` times
 the update with them alternating with the update without.
 `--torch` times the same update in PyTorch, the two alternating update by
 update (benchmarks/torch_network.py --serve, in a process of its own; for
@@ -137,7 +137,7 @@ def build_update(config, cpu_fixes, cpu_kernels=True):
   method = methods.get_method(config)
   options = None
   if not cpu_kernels or not cpu_fixes:
-    method.model = method.model.clone(head_as_dot=False,
+    method.model = method.model.clone(head_form="conv",
                                       dot_weight_grads=False)
   if not cpu_fixes:
     method.model = method.model.clone(block_barrier=False)

@@ -179,11 +179,13 @@ def get_config():
   # (docs/performance.md). The results and the variables are the same
   # either way.
   config.model.scan_blocks = "auto"
-  # The ASPP head's four dilated convs: "product" (one matrix product and
-  # shifted adds, the same sums), "conv" (four convolutions), or "auto":
-  # the product in CPU and TPU programs (XLA:CPU runs the convolutions
-  # slowly, libtpu takes minutes to compile each), the convolutions in GPU
-  # ones (cuDNN) (docs/performance.md). The variables are the same.
+  # The ASPP head's four dilated convs: "conv" (four convolutions),
+  # "product" (one matrix product and shifted adds, the same sums), "taps"
+  # (one product per tap, batched, and shifted adds), or "auto": the
+  # product in CPU programs (XLA:CPU runs the convolutions slowly), the
+  # taps in TPU ones (libtpu takes minutes to compile each convolution),
+  # the convolutions in GPU ones (cuDNN) (docs/performance.md). The
+  # variables are the same.
   config.model.head_form = "auto"
   # The head's initialisation (models.deeplab_v2.HEAD_INITS): the PLCA
   # release leaves its ASPP convs at PyTorch's default ("torch_default");

@@ -12,8 +12,8 @@ where XLA uses cuDNN / emits convolution gradients natively:
   materialises (`ResNet.block_barrier`) stay materialised.
 The model's own CPU forms (weight gradients as matrix products,
 `ResNet.dot_weight_grads`) and the Lovasz loss's host sort are chosen with
-the same test, `on_cpu()`; the ASPP head as one matrix product
-(`DeepLabV2.head_as_dot`) serves XLA:CPU and XLA:TPU.
+the same test, `on_cpu()`; the ASPP head's form (`DeepLabV2.head_form`)
+by `target_platform()`.
 
 Every such choice follows the platform of the program being built, not the
 host's default backend: `create_train_step` and `create_eval_step` trace

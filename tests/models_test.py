@@ -276,33 +276,38 @@ class CPUKernelsTest(parameterized.TestCase):
     self.assertLen(calls, {18: 20, 50: 53}[depth])
 
   @parameterized.parameters((41, 41), (9, 13), (5, 30))
-  def test_aspp_as_dot_equals_the_convolutions(self, h, w):
+  def test_aspp_products_equal_the_convolutions(self, h, w):
     # (9, 13) and (5, 30): the larger rates' off-centre taps fall entirely
-    # outside the map and are left out of the product.
+    # outside the map and are left out of the products.
     x = np.random.default_rng(h).normal(size=(2, h, w, 7))
     with jax.enable_x64(True):
       conv = models.deeplab_v2.ASPPHead(5, dtype=jnp.float64)
-      dot = conv.clone(as_dot=True)
       variables = conv.init(jax.random.key(1), jnp.asarray(x))
-      jax.tree.map(np.testing.assert_array_equal, variables,
-                   dot.init(jax.random.key(1), jnp.asarray(x)))
 
       def grads(head):
         fn = lambda v, x: jnp.sum(jnp.sin(head.apply(v, x)))  # pylint: disable=g-long-lambda
         return jax.value_and_grad(fn, (0, 1))(variables, jnp.asarray(x))
-      (v0, g0), (v1, g1) = grads(conv), grads(dot)
-    np.testing.assert_allclose(v1, v0, rtol=1e-12)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+      v0, g0 = grads(conv)
+      for form in ("product", "taps"):
+        head = conv.clone(form=form)
+        jax.tree.map(np.testing.assert_array_equal, variables,
+                     head.init(jax.random.key(1), jnp.asarray(x)))
+        v1, g1 = grads(head)
+        np.testing.assert_allclose(v1, v0, rtol=1e-12, err_msg=form)
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+          np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12,
+                                     err_msg=form)
+    with self.assertRaisesRegex(ValueError, "ASPPHead.form='dot'"):
+      conv.clone(form="dot").init(jax.random.key(1), jnp.asarray(x))
 
   def test_forms_by_platform_follow_the_config(self):
     config = default_config.get_config()
     config.model.head_form, config.model.scan_blocks = "conv", "scan"
     built = models.get_model(config)
-    self.assertEqual((built.head_as_dot, built.scan_blocks), (False, True))
-    config.model.head_form, config.model.scan_blocks = "product", "unroll"
+    self.assertEqual((built.head_form, built.scan_blocks), ("conv", True))
+    config.model.head_form, config.model.scan_blocks = "taps", "unroll"
     built = models.get_model(config)
-    self.assertEqual((built.head_as_dot, built.scan_blocks), (True, False))
+    self.assertEqual((built.head_form, built.scan_blocks), ("taps", False))
     config.model.head_form = "dots"
     with self.assertRaisesRegex(ValueError,
                                 "config.model.head_form='dots'.*'conv'"):
@@ -316,13 +321,13 @@ class CPUKernelsTest(parameterized.TestCase):
     config = default_config.get_config()
     config.model.depth, config.model.width = 18, 8
     built = models.get_model(config)
-    self.assertEqual((built.head_as_dot, built.dot_weight_grads,
+    self.assertEqual((built.head_form, built.dot_weight_grads,
                       built.block_barrier), (None, None, None))
     x = np.random.default_rng(0).normal(size=(2, 33, 41, 3))
     with jax.enable_x64(True):
-      plain = built.clone(dtype=jnp.float64, head_as_dot=False,
+      plain = built.clone(dtype=jnp.float64, head_form="conv",
                           dot_weight_grads=False, block_barrier=False)
-      fast = plain.clone(head_as_dot=True, dot_weight_grads=True)
+      fast = plain.clone(head_form="product", dot_weight_grads=True)
       variables = plain.init(jax.random.key(0), jnp.asarray(x))
 
       (v0, stats0), g0 = _train_loss_and_grads(plain, variables, x)

@@ -11,8 +11,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # platform of the program being built).
 FORMS = {"scan_blocks": ("scan_blocks", {"auto": None, "scan": True,
                                          "unroll": False}),
-         "head_form": ("head_as_dot", {"auto": None, "product": True,
-                                       "conv": False})}
+         "head_form": ("head_form", {"auto": None, "product": "product",
+                                     "taps": "taps", "conv": "conv"})}
 
 
 def get_model(config, dtype=None):

@@ -32,21 +32,25 @@ def head_initializer(name):
   return HEAD_INITS[name]
 
 
-def aspp_as_dot(x, kernels, rates):
-  """The sum of dilated 3x3 convs (padding = dilation = rate) as one
-  matrix product and shifted adds.
+def aspp_as_dot(x, kernels, rates, per_tap=False):
+  """The sum of dilated 3x3 convs (padding = dilation = rate) as matrix
+  products and shifted adds.
 
   Each tap (i, j) of each conv adds x @ K[i, j] shifted by
-  ((i - 1) r, (j - 1) r): the product of x (N*H*W, C) with the taps'
-  kernels side by side (C, T*M) gives every tap's (N, H, W, M) at once,
-  and the taps' shifted copies are summed where they land inside the map.
-  Taps that land entirely outside (|offset| >= H or W) read only padding
-  and are left out. The same sums as the convolutions, in another order.
+  ((i - 1) r, (j - 1) r): the taps' products give every tap's (N, H, W, M)
+  at once, and their shifted copies are summed where they land inside the
+  map. Taps that land entirely outside (|offset| >= H or W) read only
+  padding and are left out. The same sums as the convolutions, in another
+  order. `per_tap=False`: one product of x (N*H*W, C) with the taps'
+  kernels side by side (C, T*M); `per_tap=True`: a batch of T products
+  (C, M), each tap's result a slice along a leading axis (no slicing
+  inside the minor dimension).
 
   Args:
     x: (N, H, W, C).
     kernels: one (3, 3, C, M) kernel per rate, x's dtype.
     rates: the dilations.
+    per_tap: the batched form.
 
   Returns:
     (N, H, W, M).
@@ -56,17 +60,29 @@ def aspp_as_dot(x, kernels, rates):
   taps = [(k, i, j, (i - 1) * r, (j - 1) * r)
           for k, r in enumerate(rates) for i in range(3) for j in range(3)
           if abs((i - 1) * r) < h and abs((j - 1) * r) < w]
-  weights = jnp.concatenate([kernels[k][i, j] for k, i, j, _, _ in taps],
-                            axis=1)  # (C, T*M)
-  z = jnp.dot(x.reshape(-1, c), weights).reshape(n, h, w, len(taps), m)
+  if per_tap:
+    weights = jnp.stack([kernels[k][i, j] for k, i, j, _, _ in taps])
+    z = jnp.einsum("pc,tcm->tpm", x.reshape(-1, c), weights).reshape(
+        len(taps), n, h, w, m)
+    tap = lambda t: z[t]  # pylint: disable=unnecessary-lambda-assignment
+  else:
+    weights = jnp.concatenate([kernels[k][i, j] for k, i, j, _, _ in taps],
+                              axis=1)  # (C, T*M)
+    z = jnp.dot(x.reshape(-1, c), weights).reshape(n, h, w, len(taps), m)
+    tap = lambda t: z[..., t, :]  # pylint: disable=unnecessary-lambda-assignment
   out = jnp.zeros((n, h, w, m), z.dtype)
   for t, (_, _, _, dy, dx) in enumerate(taps):
     # out[y, x] += z[y + dy, x + dx, t] where y + dy, x + dx are inside.
-    part = z[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0), t]
+    part = tap(t)[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)]
     out = out + jax.lax.pad(part, jnp.zeros((), z.dtype), (
         (0, 0, 0), (max(-dy, 0), max(dy, 0), 0), (max(-dx, 0), max(dx, 0), 0),
         (0, 0, 0)))
   return out
+
+
+HEAD_FORMS = ("conv", "product", "taps")
+# The head's form in a program for each platform (others: "conv").
+HEAD_FORM_BY_PLATFORM = {"cpu": "product", "tpu": "taps"}
 
 
 class _Kernel(nn.Module):
@@ -82,29 +98,35 @@ class _Kernel(nn.Module):
 class ASPPHead(nn.Module):
   """Four parallel bias-free 3x3 convs (dilation = padding = rate), summed.
 
-  `as_dot=True` computes the same sum as one matrix product and shifted
-  adds (`aspp_as_dot`), with the same variables. XLA:CPU's convolution
-  kernel is slow on these (C=2048 -> M=16, dilation up to 24) convolutions
-  (the product is 4x faster forward and backward), and libtpu takes
-  minutes to lower each of them (its lowering of the product takes
-  seconds, and the cost model gives it less memory traffic): both use the
-  product (docs/performance.md); GPU programs keep the convolutions.
+  `form` (HEAD_FORMS), with the same variables: "conv", the four
+  convolutions; "product", one matrix product and shifted adds
+  (`aspp_as_dot`); "taps", a batch of one product per tap and shifted
+  adds (`aspp_as_dot(per_tap=True)`). XLA:CPU's convolution kernel is
+  slow on these (C=2048 -> M=16, dilation up to 24) convolutions (the
+  product is 4x faster forward and backward); libtpu takes minutes to
+  lower each of them, and seconds for the taps' products, which it
+  lowers for any class count (the single product's slices of 19 classes
+  inside its minor dimension take it a minute) (docs/performance.md).
   """
   num_classes: int
   rates: Sequence[int] = (6, 12, 18, 24)
   dtype: Any = jnp.float32
   initializer: str = "torch_default"  # a HEAD_INITS name
-  as_dot: bool = False
+  form: str = "conv"
 
   @nn.compact
   def __call__(self, x):
-    if self.as_dot:
+    if self.form not in HEAD_FORMS:
+      raise ValueError(f"ASPPHead.form={self.form!r}; expected one of "
+                       f"{HEAD_FORMS}")
+    if self.form != "conv":
       shape = (3, 3, x.shape[-1], self.num_classes)
       kernels = [_Kernel(shape, head_initializer(self.initializer),
                          name=f"conv{i}")().astype(self.dtype)
                  for i in range(len(self.rates))]
-      with xla.form("head_as_dot"):
-        return aspp_as_dot(x.astype(self.dtype), kernels, self.rates)
+      with xla.form("head_" + self.form):
+        return aspp_as_dot(x.astype(self.dtype), kernels, self.rates,
+                           per_tap=self.form == "taps")
     out = 0
     for i, r in enumerate(self.rates):
       out = out + nn.Conv(
@@ -140,11 +162,11 @@ class DeepLabV2(nn.Module):
   aux_head: bool = False
   stride_on: str = "1x1"  # see resnet.ResNet
   head_init: str = "torch_default"  # see HEAD_INITS
-  # The ASPP sums as one matrix product (ASPPHead.as_dot; None: when the
-  # program being built is a CPU or TPU one) and XLA:CPU's backbone
-  # weight gradients as matrix products (resnet.ResNet.dot_weight_grads;
-  # None: on a CPU program), decided at trace time (plca_jax.xla).
-  head_as_dot: Optional[bool] = None
+  # The head's form (ASPPHead.form; None: HEAD_FORM_BY_PLATFORM for the
+  # program being built) and XLA:CPU's backbone weight gradients as matrix
+  # products (resnet.ResNet.dot_weight_grads; None: on a CPU program),
+  # decided at trace time (plca_jax.xla).
+  head_form: Optional[str] = None
   dot_weight_grads: Optional[bool] = None
   scan_blocks: Optional[bool] = None  # see resnet.ResNet
   # Training-mode BatchNorm over G interleaved groups of the batch, each
@@ -152,8 +174,8 @@ class DeepLabV2(nn.Module):
   bn_groups: int = 1
 
   def setup(self):
-    as_dot = (xla.target_platform() in ("cpu", "tpu")
-              if self.head_as_dot is None else self.head_as_dot)
+    head_form = (HEAD_FORM_BY_PLATFORM.get(xla.target_platform(), "conv")
+                 if self.head_form is None else self.head_form)
     self.backbone = resnet.ResNet(depth=self.depth, width=self.width,
                                   dtype=self.dtype, remat=self.remat,
                                   block_barrier=self.block_barrier,
@@ -164,12 +186,12 @@ class DeepLabV2(nn.Module):
                                   scan_blocks=self.scan_blocks)
     self.classifier = ASPPHead(self.num_classes, self.aspp_rates,
                                dtype=self.dtype, initializer=self.head_init,
-                               as_dot=as_dot)
+                               form=head_form)
     if self.aux_head:
       self.aux_classifier = ASPPHead(self.num_classes, self.aspp_rates,
                                      dtype=self.dtype,
                                      initializer=self.head_init,
-                                     as_dot=as_dot)
+                                     form=head_form)
 
   def classify(self, features):
     return self.classifier(features)
