@@ -11,8 +11,8 @@ the paper setting takes minutes to tens of minutes on a small host); pass
 `--redo` to compile again. Prints one row per report: fits or not, peak
 per device, the largest micro-batch per device (with `--search_batch`:
 one to three more compiles per row, each kept; with the peak of one image
-more where it was compiled), the roofline per update and the images per domain per second per
-device it allows, and the compile time. "Fits" is against the memory a
+more where it was compiled), the roofline per update and the images per
+domain per second per device it allows, and the compile time. "Fits" is against the memory a
 program may use (`plca_jax.aot_targets`).
 """
 
@@ -82,14 +82,15 @@ def run_one(config, target, workdir, timeout):
   return os.path.join(out_dir, f"aot_{target}.json")
 
 
-def search(config, target, workdir, path, timeout):
+def search(config, target, workdir, path, timeout, redo=False):
   """Adds the largest micro-batch per device to the report at `path`
   (`plca_jax.aot.search_micro_batch`, one process per compile). Each
   compile is kept as WORKDIR/CONFIG/search_N/aot_TARGET.json (N images
   per device), so an interrupted search resumes; the update compiled as
   configured counts when it is one micro-batch. A compile the TPU compiler
   refuses for memory counts as not fitting, with the bytes it names (kept
-  as WORKDIR/CONFIG/search_N/refused_TARGET.json)."""
+  as WORKDIR/CONFIG/search_N/refused_TARGET.json). `redo`: compile again
+  what is kept."""
   from plca_jax import aot  # pylint: disable=g-import-not-at-top
   with open(path) as f:
     record = json.load(f)
@@ -105,11 +106,11 @@ def search(config, target, workdir, path, timeout):
     out_dir = os.path.join(workdir, config, f"search_{n}")
     kept = os.path.join(out_dir, f"aot_{target}.json")
     refused = os.path.join(out_dir, f"refused_{target}.json")
-    if os.path.exists(kept):
+    if os.path.exists(kept) and not redo:
       with open(kept) as f:
         peaks[n] = json.load(f)["programs"]["train"]["memory"]["peak"]
       return peaks[n]
-    if os.path.exists(refused):
+    if os.path.exists(refused) and not redo:
       with open(refused) as f:
         peaks[n] = json.load(f)["needs"]
       return peaks[n]
@@ -218,7 +219,8 @@ def main():
         with open(path) as f:
           searched = json.load(f).get("largest_micro_batch")
         if args.redo or not searched:
-          search(config, target, args.workdir, path, args.timeout)
+          search(config, target, args.workdir, path, args.timeout,
+                 args.redo)
       if path:
         with open(path) as f:
           rows.append(row(config, json.load(f)))
