@@ -65,10 +65,9 @@ def _aot(config, target, out_dir, timeout, *overrides):
 
 
 def _failed(config, target, stderr):
-  lines = stderr.strip().splitlines()
-  errors = [l for l in lines if "Error" in l or "error:" in l]
-  tail = "\n".join((errors or lines)[-5:])
-  print(f"[aot_table] {config} on {target}: failed\n{tail}", flush=True)
+  from plca_jax import aot  # pylint: disable=g-import-not-at-top
+  print(f"[aot_table] {config} on {target}: failed\n"
+        f"{aot.error_summary(stderr)}", flush=True)
 
 
 def run_one(config, target, workdir, timeout):
@@ -94,11 +93,9 @@ def search(config, target, workdir, path, timeout, redo=False):
   from plca_jax import aot  # pylint: disable=g-import-not-at-top
   with open(path) as f:
     record = json.load(f)
-  chips, cfg = record["chips"], record["config"]["train"]
-  peaks = {}
-  if cfg["grad_accum_steps"] == 1:
-    peaks[cfg["batch_size"] // chips] = (
-        record["programs"]["train"]["memory"]["peak"])
+  chips = record["chips"]
+  peaks = aot.known_peaks(record["config"]["train"], chips,
+                          record["programs"]["train"]["memory"]["peak"])
 
   def peak(n):
     if n in peaks:
@@ -121,11 +118,8 @@ def search(config, target, workdir, path, timeout, redo=False):
     if found is not None:
       peaks[n] = found["programs"]["train"]["memory"]["peak"]
     else:
-      peaks[n] = aot.over_memory_bytes(stderr)
-      if peaks[n] is None:
-        _failed(config, target, stderr)
-        raise RuntimeError(f"{config} on {target}: the compile at {n} "
-                           "image(s) per device failed")
+      peaks[n] = aot.refused_peak(
+          stderr, f"{config} on {target} at {n} image(s) per device")
       print(f"[aot_table] {n} per device: the compiler refused "
             f"{peaks[n] / GiB:.2f} GiB", flush=True)
       os.makedirs(out_dir, exist_ok=True)

@@ -736,6 +736,26 @@ def over_memory_bytes(error_text):
              1024)
 
 
+def error_summary(text, lines=5):
+  """The last `lines` error lines of a failed compile's output (its last
+  lines when none names an error)."""
+  text_lines = text.strip().splitlines()
+  errors = [l for l in text_lines if "Error" in l or "error:" in l]
+  return "\n".join((errors or text_lines)[-lines:])
+
+
+def refused_peak(error_text, what):
+  """The bytes a compile that failed with `error_text` needs per device,
+  when the TPU compiler refused it for memory (the micro-batch search
+  counts it as not fitting, at that peak); any other failure raises
+  RuntimeError naming `what`."""
+  needs = over_memory_bytes(error_text)
+  if needs is None:
+    raise RuntimeError(f"{what}: the compile failed:\n"
+                       f"{error_summary(error_text)}")
+  return needs
+
+
 def largest_micro_batch(config, target, devices, known=None):
   """The largest micro-batch per device (images per domain) whose update
   fits the chip (`search_micro_batch` over one-micro-batch updates); a
@@ -755,9 +775,8 @@ def largest_micro_batch(config, target, devices, known=None):
                                    target, devices, with_eval=False)
         peaks[n] = out["train"]["memory"]["peak"]
       except jax.errors.JaxRuntimeError as error:
-        peaks[n] = over_memory_bytes(str(error))
-        if peaks[n] is None:
-          raise
+        peaks[n] = refused_peak(
+            str(error), f"{target.name} at {n} image(s) per device")
       logging.info("%d image(s) per device: peak %.2f GiB", n,
                    peaks[n] / GiB)
     return peaks[n]
@@ -766,13 +785,13 @@ def largest_micro_batch(config, target, devices, known=None):
   return {"images_per_device": n, "compiles": sorted(peaks.items())}
 
 
-def known_peaks(config, chips, results):
-  """{images per device: peak} of the update compiled as configured when
-  it is one micro-batch (the search's own form), else {}."""
-  if config.train.grad_accum_steps != 1:
+def known_peaks(train, chips, peak):
+  """{images per device: `peak`} for an update compiled with the train
+  settings `train` (config.train, or its JSON in a report) when it is one
+  micro-batch (the search's own form), else {}."""
+  if train["grad_accum_steps"] != 1:
     return {}
-  return {config.train.batch_size // chips:
-          results["train"]["memory"]["peak"]}
+  return {train["batch_size"] // chips: peak}
 
 
 # The report.
@@ -889,7 +908,8 @@ def main(argv):
     sys.exit(1)
   search = (largest_micro_batch(
       config, target, devices,
-      known_peaks(config, target.chips, results))
+      known_peaks(config.train, target.chips,
+                  results["train"]["memory"]["peak"]))
             if FLAGS.search_batch else None)
   print(format_report(target.name, config, notes, results, search),
         flush=True)

@@ -15,6 +15,7 @@ import tempfile
 from absl.testing import absltest
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -397,6 +398,18 @@ class AnalysisTest(absltest.TestCase):
          "20.50G of 15.75G hbm. Exceeded hbm capacity by 4.75G.", 20.5)]:
       self.assertEqual(aot.over_memory_bytes(text), int(gib * 2**30))
     self.assertIsNone(aot.over_memory_bytes("INTERNAL: something else"))
+    self.assertEqual(aot.refused_peak(text, "x"), int(gib * 2**30))
+    with self.assertRaisesRegex(RuntimeError, "(?s)v5e at 3 image.*"
+                                "INTERNAL: something else"):
+      aot.refused_peak("noise\nINTERNAL: something else\n", "v5e at 3 image")
+
+  def test_known_peaks_from_a_config_or_its_json(self):
+    config = ml_collections.ConfigDict(
+        {"grad_accum_steps": 1, "batch_size": 16})
+    self.assertEqual(aot.known_peaks(config, 8, 5), {2: 5})
+    self.assertEqual(aot.known_peaks(config.to_dict(), 8, 5), {2: 5})
+    config.grad_accum_steps = 2  # not the search's form: nothing known
+    self.assertEqual(aot.known_peaks(config, 8, 5), {})
 
   def test_table_search_resumes_from_kept_compiles(self):
     # benchmarks/aot_table.py's search with the compiler replaced: on a
