@@ -55,6 +55,12 @@ def create_manager(workdir, keep=3):
                                item_names=("state", DATA_ITEM))
 
 
+def latest_step(workdir):
+  """The step of WORKDIR's latest checkpoint, or None."""
+  with create_manager(workdir) as manager:
+    return manager.latest_step()
+
+
 DATA_ITEM = "data_stream"
 LEGACY_DATA_ITEM = "data"  # grain's per-process files, before the stream
 
@@ -303,11 +309,14 @@ def _read_state(checkpoints, what):
   """(the latest saved state as NumPy trees, its step) of a checkpoints
   directory."""
   manager = ocp.CheckpointManager(checkpoints, item_names=("state",))
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{what}: no checkpoint in {checkpoints}")
-  state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))["state"]
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{what}: no checkpoint in {checkpoints}")
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+  finally:
+    manager.close()
   logging.info("%s: %s step %d", what, checkpoints, step)
   return state, step
 

@@ -148,8 +148,7 @@ def _checkpoint_variables(config, workdir, model, mesh, method=None):
   variables from every tree of WORKDIR's checkpoint."""
   init = jax.eval_shape(lambda r: model.init(
       r, jnp.zeros((1, *config.data.eval_image_size, 3))), jax.random.key(0))
-  manager = checkpointing.create_manager(workdir)
-  step = manager.latest_step()
+  step = checkpointing.latest_step(workdir)
   if method is not None and model is not method.model:
     if step is None:
       raise FileNotFoundError(

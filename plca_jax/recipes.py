@@ -49,8 +49,7 @@ def _variant(config, **fields):
 
 def _train(config, workdir):
   """Trains `workdir` to `config.train.num_steps` unless it is there."""
-  manager = checkpointing.create_manager(workdir)
-  if manager.latest_step() == config.train.num_steps:
+  if checkpointing.latest_step(workdir) == config.train.num_steps:
     logging.info("recipe: %s is finished (step %d)", workdir,
                  config.train.num_steps)
     return workdir

@@ -413,106 +413,108 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Model and optimizer: resume, else init_from, else scratch.
   manager = checkpointing.create_manager(workdir,
                                          config.train.keep_checkpoints)
-  rng = jax.random.key(config.seed)
-  latest = manager.latest_step()
-  if latest is not None:  # the checkpoint replaces any init_from
-    config = config.copy_and_resolve_references()
-    config.init_from = ""
-  state = create_train_state(config, method, rng, mesh)
-  restored, restored_step = checkpointing.restore_latest(manager, state,
-                                                         train_iter)
-  if restored is not None:
-    logging.info("Resumed from %s step %d", manager.directory, restored_step)
-    state = restored
-  start_step = int(state.step)
-  logging.info("%s", describe(config, method, state, mesh))
-  # Metrics written after the restored step (by a run that stopped before
-  # its next checkpoint) are set aside: every step appears once.
-  if process_index == 0:
-    writers.set_aside_after(workdir, start_step)
-  writer = writers.create_writer(workdir, process_index)
-  if start_step == 0:
-    writer.write_hparams(_hparams(config))
+  try:  # closed (pending saves written) however the run ends
+    rng = jax.random.key(config.seed)
+    latest = manager.latest_step()
+    if latest is not None:  # the checkpoint replaces any init_from
+      config = config.copy_and_resolve_references()
+      config.init_from = ""
+    state = create_train_state(config, method, rng, mesh)
+    restored, restored_step = checkpointing.restore_latest(manager, state,
+                                                           train_iter)
+    if restored is not None:
+      logging.info("Resumed from %s step %d", manager.directory, restored_step)
+      state = restored
+    start_step = int(state.step)
+    logging.info("%s", describe(config, method, state, mesh))
+    # Metrics written after the restored step (by a run that stopped before
+    # its next checkpoint) are set aside: every step appears once.
+    if process_index == 0:
+      writers.set_aside_after(workdir, start_step)
+    writer = writers.create_writer(workdir, process_index)
+    if start_step == 0:
+      writer.write_hparams(_hparams(config))
 
-  # The jitted update.
-  step_fn = create_train_step(config, method, mesh)
-  train_key = step_key(config)
-  eval_model = method.eval_model()
-  eval_step_fn = evaluate.create_eval_step(config, eval_model, mesh)
-  num_steps = config.train.num_steps
-  hooks = []
-  report = periodic_actions.ReportProgress(
-      num_train_steps=num_steps, writer=writer,
-      every_steps=config.train.log_every)
-  if process_index == 0:
-    hooks.append(report)
-    if config.train.profile_steps > 0:
-      hooks.append(periodic_actions.Profile(
-          logdir=workdir, num_profile_steps=config.train.profile_steps,
-          profile_duration_ms=None,
-          first_profile=config.train.profile_first_step, every_secs=None))
-  preemption = _Preemption(install=process_count == 1)
+    # The jitted update.
+    step_fn = create_train_step(config, method, mesh)
+    train_key = step_key(config)
+    eval_model = method.eval_model()
+    eval_step_fn = evaluate.create_eval_step(config, eval_model, mesh)
+    num_steps = config.train.num_steps
+    hooks = []
+    report = periodic_actions.ReportProgress(
+        num_train_steps=num_steps, writer=writer,
+        every_steps=config.train.log_every)
+    if process_index == 0:
+      hooks.append(report)
+      if config.train.profile_steps > 0:
+        hooks.append(periodic_actions.Profile(
+            logdir=workdir, num_profile_steps=config.train.profile_steps,
+            profile_duration_ms=None,
+            first_profile=config.train.profile_first_step, every_secs=None))
+    preemption = _Preemption(install=process_count == 1)
 
-  # The loop.
-  collection, skipped, last_phase = None, 0, None
-  logging.info("Training steps %d..%d", start_step + 1, num_steps)
-  last_log = (start_step, time.perf_counter())
-  try:
-    for step in range(start_step + 1, num_steps + 1):
-      phase = method.phase_of(step - 1)
-      if phase != last_phase and last_phase is not None:
-        logging.info("%s: phase %d from update %d (its update compiles "
-                     "now).", method.name, phase, step)
-      last_phase = phase
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch, n_skipped = next_update_batch(
-            train_iter, config.train.grad_accum_steps, fields)
-        pairing_info = batch.pop("pairing", None)
-        state, scalars = step_fn(state, sharding.to_global(batch, mesh, 1),
-                                 train_key, phase)
-      skipped += n_skipped
-      if pairing_info is not None:
-        scalars = _observe_pairing(train_iter, scalars, pairing_info,
-                                   process_count)
-      if collection is None:
-        collection_cls = metrics_lib.train_collection(sorted(scalars))
-      update = collection_cls.single_from_model_output(**scalars)
-      collection = update if collection is None else collection.merge(update)
-      if step <= start_step + 3:
-        logging.info("Finished step %d.", step, extra=console.FILE_ONLY)
-      if step == start_step + 1:  # rates and ETA leave compilation out
-        jax.block_until_ready(scalars)
-        last_log = (step, time.perf_counter())
-      for hook in hooks:
-        hook(step)
-      last = step == num_steps
-      if step % config.train.log_every == 0 or last:
-        values = _write_train_metrics(writer, step, collection, skipped,
-                                      method)
-        now = time.perf_counter()
-        rate = ((step - last_log[0]) / max(now - last_log[1], 1e-9)
-                if step > last_log[0] else None)
-        last_log = (step, now)
-        logging.info("%s", console.progress_line(step, num_steps, rate,
-                                                 values))
-        collection, skipped = None, 0
-      stop = preemption.requested or manager.reached_preemption(step)
-      if step % config.train.checkpoint_every == 0 or last or stop:
-        with report.timed("checkpoint"):
-          _checkpoint(manager, step, state, train_iter)
-      if stop:
-        manager.wait_until_finished()
-        logging.warning("Stopped at step %d for preemption.", step)
-        return state
-      if evaluate_during_training and (
-          step % config.train.eval_every == 0 or last):
-        with report.timed("eval"):
-          evaluate.evaluate_and_write(
-              config, eval_model,
-              method.eval_variables(network_variables(state)), mesh, writer,
-              step, eval_step_fn)
+    # The loop.
+    collection, skipped, last_phase = None, 0, None
+    logging.info("Training steps %d..%d", start_step + 1, num_steps)
+    last_log = (start_step, time.perf_counter())
+    try:
+      for step in range(start_step + 1, num_steps + 1):
+        phase = method.phase_of(step - 1)
+        if phase != last_phase and last_phase is not None:
+          logging.info("%s: phase %d from update %d (its update compiles "
+                       "now).", method.name, phase, step)
+        last_phase = phase
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          batch, n_skipped = next_update_batch(
+              train_iter, config.train.grad_accum_steps, fields)
+          pairing_info = batch.pop("pairing", None)
+          state, scalars = step_fn(state, sharding.to_global(batch, mesh, 1),
+                                   train_key, phase)
+        skipped += n_skipped
+        if pairing_info is not None:
+          scalars = _observe_pairing(train_iter, scalars, pairing_info,
+                                     process_count)
+        if collection is None:
+          collection_cls = metrics_lib.train_collection(sorted(scalars))
+        update = collection_cls.single_from_model_output(**scalars)
+        collection = update if collection is None else collection.merge(update)
+        if step <= start_step + 3:
+          logging.info("Finished step %d.", step, extra=console.FILE_ONLY)
+        if step == start_step + 1:  # rates and ETA leave compilation out
+          jax.block_until_ready(scalars)
+          last_log = (step, time.perf_counter())
+        for hook in hooks:
+          hook(step)
+        last = step == num_steps
+        if step % config.train.log_every == 0 or last:
+          values = _write_train_metrics(writer, step, collection, skipped,
+                                        method)
+          now = time.perf_counter()
+          rate = ((step - last_log[0]) / max(now - last_log[1], 1e-9)
+                  if step > last_log[0] else None)
+          last_log = (step, now)
+          logging.info("%s", console.progress_line(step, num_steps, rate,
+                                                   values))
+          collection, skipped = None, 0
+        stop = preemption.requested or manager.reached_preemption(step)
+        if step % config.train.checkpoint_every == 0 or last or stop:
+          with report.timed("checkpoint"):
+            _checkpoint(manager, step, state, train_iter)
+        if stop:
+          manager.wait_until_finished()
+          logging.warning("Stopped at step %d for preemption.", step)
+          return state
+        if evaluate_during_training and (
+            step % config.train.eval_every == 0 or last):
+          with report.timed("eval"):
+            evaluate.evaluate_and_write(
+                config, eval_model,
+                method.eval_variables(network_variables(state)), mesh, writer,
+                step, eval_step_fn)
+    finally:
+      preemption.restore()
+      writer.flush()
+    return state
   finally:
-    preemption.restore()
-    manager.wait_until_finished()
-    writer.flush()
-  return state
+    manager.close()
