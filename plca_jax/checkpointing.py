@@ -308,15 +308,13 @@ def _flat(tree):
 def _read_state(checkpoints, what):
   """(the latest saved state as NumPy trees, its step) of a checkpoints
   directory."""
-  manager = ocp.CheckpointManager(checkpoints, item_names=("state",))
-  try:
+  with ocp.CheckpointManager(checkpoints,
+                             item_names=("state",)) as manager:
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"{what}: no checkpoint in {checkpoints}")
     state = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))["state"]
-  finally:
-    manager.close()
   logging.info("%s: %s step %d", what, checkpoints, step)
   return state, step
 
