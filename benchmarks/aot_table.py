@@ -10,7 +10,7 @@ reused, so an interrupted table resumes where it stopped (a TPU compile of
 the paper setting takes minutes to tens of minutes on a small host); pass
 `--redo` to compile again. Prints one row per report: fits or not, peak
 per device, the largest micro-batch per device (with `--search_batch`:
-one to four more compiles per row, each kept; with the peak of one image
+one to five more compiles per row, each kept; with the peak of one image
 more where it was compiled), the roofline per update and the images per
 domain per second per device it allows, and the compile time. "Fits" is
 against the memory a program may use (`plca_jax.aot_targets`).

@@ -876,7 +876,7 @@ flags.DEFINE_bool("eval", True, "Also compile the evaluation step.")
 flags.DEFINE_string("profile_compile", None, "Directory for XLA's dump "
                     "of the update's compilation; prints per-pass timings.")
 flags.DEFINE_bool("search_batch", True, "Find the largest micro-batch per "
-                  "device that fits (two to four more compiles as a rule).")
+                  "device that fits (two to five more compiles).")
 flags.mark_flags_as_required(["config", "target"])
 
 
