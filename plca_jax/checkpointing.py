@@ -115,8 +115,10 @@ def _read_checked(step, directory, read):
   """`read()`, with file damage raised as DamagedCheckpoint.
 
   What tensorstore's callbacks print to stderr after a failed read goes
-  to the log file, not the console.
+  to the log file, not the console, and so do the reads still pending
+  that complete later (`console.quiet_late_loop_callbacks`).
   """
+  console.quiet_late_loop_callbacks()  # before: they may come at once
   try:
     with console.stderr_to_log(linger=0.5):
       return read()

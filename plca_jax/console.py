@@ -154,6 +154,47 @@ def stderr_to_log(linger=0.0):
     os.close(saved)
 
 
+def _is_late_loop_callback(unraisable):
+  """Whether `unraisable` (sys.unraisablehook's argument) is a callback
+  posting to an asyncio loop that is already closed: what a tensorstore
+  read still in flight does when it completes after orbax gave up on a
+  damaged checkpoint and closed the loop that awaited it."""
+  if not (isinstance(unraisable.exc_value, RuntimeError) and
+          str(unraisable.exc_value) == "Event loop is closed"):
+    return False
+  frame = unraisable.exc_traceback
+  while frame is not None:
+    if frame.tb_frame.f_code.co_name == "call_soon_threadsafe":
+      return True
+    frame = frame.tb_next
+  return False
+
+
+class _LateLoopCallbacks:
+  """sys.unraisablehook that logs late loop callbacks (INFO, to the log
+  file) and hands every other unraisable exception to the hook it
+  replaced."""
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, unraisable):
+    if _is_late_loop_callback(unraisable):
+      logging.info("A checkpoint read finished after its restore had "
+                   "stopped (%s); ignored.", unraisable.exc_value)
+      return
+    self.previous(unraisable)
+
+
+def quiet_late_loop_callbacks():
+  """Installs `_LateLoopCallbacks` over the current sys.unraisablehook
+  (once), before a checkpoint read: after a failed read, its pending
+  reads may complete at any time, from at once to past `stderr_to_log`'s
+  linger."""
+  if not isinstance(sys.unraisablehook, _LateLoopCallbacks):
+    sys.unraisablehook = _LateLoopCallbacks(sys.unraisablehook)
+
+
 def import_tensorflow_quietly():
   """Imports TensorFlow (if installed) with its start-up lines in the log.
 

@@ -73,5 +73,42 @@ class ConsoleTest(absltest.TestCase):
       self.assertIn("from C", f.read())
 
 
+  def test_late_loop_callbacks_go_to_the_log_and_other_errors_do_not(self):
+    workdir = self.create_tempdir().full_path
+    # Exceptions raised in __del__ reach sys.unraisablehook, as those of
+    # tensorstore's completion callbacks do.
+    script = textwrap.dedent(f"""
+        import asyncio
+        from plca_jax import console
+        console.setup({workdir!r})
+        loop = asyncio.new_event_loop()
+        loop.close()
+
+        class Late:
+          def __del__(self):
+            loop.call_soon_threadsafe(print)
+
+        class Other:
+          def __del__(self):
+            raise RuntimeError("another failure")
+
+        Late()  # before: printed by Python's hook
+        console.quiet_late_loop_callbacks()
+        console.quiet_late_loop_callbacks()  # installed once
+        Late()
+        Other()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO,
+                          capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    self.assertEqual(proc.stderr.count("RuntimeError: Event loop is closed"), 1,
+                     proc.stderr)
+    self.assertIn("another failure", proc.stderr)
+    with open(os.path.join(workdir, "logs", "process_0.log")) as f:
+      log = f.read()
+    self.assertEqual(log.count("finished after its restore had stopped"), 1,
+                     log)
+
+
 if __name__ == "__main__":
   absltest.main()
