@@ -72,7 +72,6 @@ class ConsoleTest(absltest.TestCase):
     with open(os.path.join(workdir, "logs", "process_0.log")) as f:
       self.assertIn("from C", f.read())
 
-
   def test_late_loop_callbacks_go_to_the_log_and_other_errors_do_not(self):
     workdir = self.create_tempdir().full_path
     # Exceptions raised in __del__ reach sys.unraisablehook, as those of
@@ -101,8 +100,9 @@ class ConsoleTest(absltest.TestCase):
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO,
                           capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": REPO})
-    self.assertEqual(proc.stderr.count("RuntimeError: Event loop is closed"), 1,
-                     proc.stderr)
+    self.assertEqual(
+        proc.stderr.count("RuntimeError: Event loop is closed"), 1,
+        proc.stderr)
     self.assertIn("another failure", proc.stderr)
     with open(os.path.join(workdir, "logs", "process_0.log")) as f:
       log = f.read()
